@@ -1,0 +1,119 @@
+"""
+Draw a run's training curves from its metrics.jsonl: loss (train and val), learning rate and,
+when the run logged it, the gradient norm. Several runs are overlaid, one colour per run.
+
+    python plot.py out-shakespeare-char-cpu              # -> out-shakespeare-char-cpu/metrics.png
+    python plot.py out-a out-b out-c --out runs.png      # several runs on the same axes
+"""
+
+import json
+import math
+import os
+
+from configurator import ArgumentParser, UsageError, run_cli
+
+PANEL_INCHES = (4.5, 3.5)  # width, height of one panel; panels sit side by side
+DPI = 100  # so a panel is 450 x 350 pixels
+
+
+def read_metrics(out_dir):
+    """(train entries, eval entries) from out_dir/metrics.jsonl, or one UsageError saying what is missing."""
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"'{out_dir}' is not a folder; give the out_dir of a training run")
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found; train first (python train.py ... --out_dir={out_dir})")
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break  # a line still being written by a running train.py
+            raise UsageError(f"{path}:{number} is not valid JSON; was the file edited by hand?")
+    train = [e for e in entries if e.get("type") == "train"]
+    evals = [e for e in entries if e.get("type") == "eval"]
+    if not train and not evals:
+        raise UsageError(f"{path} has no metrics yet; wait for the first log line (log_interval) of the run")
+    return train, evals
+
+
+def run_names(out_dirs):
+    """Legend names: each folder's own name, or the path as given when two names collide."""
+    names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
+    if len(set(names)) < len(names):
+        return [os.path.normpath(d) for d in out_dirs]
+    return names
+
+
+def has_grad_norm(runs):
+    return any("grad_norm" in e for train, _ in runs.values() for e in train)
+
+
+def finite(xs, ys):
+    """Drop points whose value is missing, NaN or infinite (a diverged run still plots)."""
+    kept = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def plot_runs(runs, title=None):
+    """A matplotlib Figure for {name: (train entries, eval entries)}."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no window, no display needed
+    import matplotlib.pyplot as plt
+
+    panels = ["loss", "lr"] + (["grad_norm"] if has_grad_norm(runs) else [])
+    width, height = PANEL_INCHES
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), dpi=DPI)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, (train, evals)) in enumerate(runs.items()):
+        colour = colours[i % len(colours)]
+        ax = axes[0]
+        xs, ys = finite([e["iter"] for e in train], [e.get("loss") for e in train])
+        ax.plot(xs, ys, color=colour, alpha=0.35, linewidth=0.8, label=f"{name} train (batch)")
+        xs, ys = finite([e["iter"] for e in evals], [e.get("val_loss") for e in evals])
+        ax.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.5, label=f"{name} val")
+        xs, ys = finite([e["iter"] for e in train], [e.get("lr") for e in train])
+        axes[1].plot(xs, ys, color=colour, label=name)
+        if "grad_norm" in panels:
+            xs, ys = finite([e["iter"] for e in train], [e.get("grad_norm") for e in train])
+            axes[2].plot(xs, ys, color=colour, linewidth=0.8, label=name)
+    labels = {"loss": "loss (cross-entropy)", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+    for ax, panel in zip(axes, panels):
+        ax.set_title(labels[panel], fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if "grad_norm" in panels and axes[2].has_data():
+        axes[2].set_yscale("log")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def main():
+    parser = ArgumentParser(description="Plot loss, learning rate and gradient norm from metrics.jsonl.")
+    parser.add_argument("out_dirs", nargs="+", metavar="out_dir", help="run folders holding metrics.jsonl")
+    parser.add_argument("--out", default=None,
+                        help="PNG to write (default: <out_dir>/metrics.png for one run, runs.png for several)")
+    parser.add_argument("--title", default=None, help="a title above the panels")
+    args = parser.parse_args()
+    names = run_names(args.out_dirs)
+    runs = {name: read_metrics(d) for name, d in zip(names, args.out_dirs)}
+    out = args.out or (os.path.join(args.out_dirs[0], "metrics.png") if len(args.out_dirs) == 1 else "runs.png")
+    if not out.lower().endswith(".png"):
+        raise UsageError(f"--out must name a .png file, got '{out}'")
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig = plot_runs(runs, args.title)
+    fig.savefig(out)  # no bbox_inches='tight': the size stays PANEL_INCHES x DPI per panel
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
