@@ -174,8 +174,9 @@ def published_peak_flops(device_name, dtype):
 def measure_matmul_flops(device, dtype, n=1024, repeats=8):
     """Time square matmuls on this device: a measured peak for MFU when no data sheet applies."""
     import time
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    rng = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     best = float("inf")
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -289,14 +290,14 @@ class GPT(nn.Module):
             decay = [p for n, p in params.items() if p.dim() >= 2 and n not in hidden]
         # every parameter lands in exactly one group
         assert len(decay) + len(no_decay) + len(muon) == len(params)
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if optimizer != "muon":
             return [adamw]
-        return [adamw, torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay,
-                                        adjust_lr_fn="match_rms_adamw")]
+        return [adamw, torch.optim.Muon([{"params": muon, "name": "muon"}], lr=learning_rate,
+                                        weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")]
 
     def flops_per_token(self):
         """Forward + backward FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""

@@ -33,6 +33,13 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val improves
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF directory
 patience = 0  # stop after this many evals without val improvement; 0 = never
+max_bad_steps = 3  # stop after this many non-finite losses/gradients in a row (each step is skipped)
+inspect = False  # run one batch, print a per-parameter gradient table, and exit
+tensorboard = False  # also log to TensorBoard (out_dir/tensorboard); needs `pip install tensorboard`
+keep_last_n = 0  # also keep ckpt_<iter>.pt from the last n evals; 0 = only ckpt.pt and best_model.pt
+wandb_log = False  # also log to Weights & Biases; needs `pip install wandb`
+wandb_project = "glassgpt"
+wandb_run_name = "run"
 # data
 dataset = "shakespeare_char"
 data_dir = "data"  # datasets live in data_dir/<dataset>/
@@ -74,11 +81,12 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 def check_config(c):
     """Values that have the right type but cannot work, reported before anything is built."""
     positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                "block_size", "n_layer", "n_head", "n_embd")
+                "block_size", "n_layer", "n_head", "n_embd", "max_bad_steps")
     for key in positive:
         if c[key] < 1:
             raise UsageError(f"'{key}' must be at least 1, got {c[key]}")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "patience", "weight_decay", "grad_clip", "min_lr"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "patience", "weight_decay", "grad_clip", "min_lr",
+                "keep_last_n"):
         if c[key] < 0:
             raise UsageError(f"'{key}' must not be negative, got {c[key]}")
     if c["n_embd"] % c["n_head"]:
@@ -184,7 +192,10 @@ def run():
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta["vocab_size"], dropout=dropout, attention=attention)
     iter_num, best_val_loss, resumed, ckpt = 0, float("inf"), False, None
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create out_dir '{out_dir}' ({e.strerror}); choose a writable folder")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -220,6 +231,8 @@ def run():
             opt.load_state_dict(state)
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, batch_rng)
+        if rank:  # the checkpoint holds rank 0's batch stream; the others start fresh, distinct ones
+            batch_rng.manual_seed(seed + rank + 1000 * iter_num)
     ckpt = None  # free the memory
     raw_model = model
     if compile:
@@ -228,51 +241,50 @@ def run():
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev] if device_type == "cuda" else None)
 
-    def get_lr(it):
-        """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-        if not decay_lr:
-            return learning_rate
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if it >= lr_decay_iters:
-            return min_lr
-        progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
     @torch.inference_mode()
     def estimate_loss():
         """Mean loss over eval_iters batches of each split; the same batches at every eval."""
         model.eval()
         losses = {}
         for split, data in (("train", train_data), ("val", val_data)):
-            eval_rng = torch.Generator().manual_seed(seed)
+            eval_rng = torch.Generator().manual_seed(seed + rank)
             total = torch.zeros((), device=dev)
             for _ in range(eval_iters):
                 X, Y = get_batch(data, batch_size, block_size, dev, eval_rng)
                 with autocast:
                     _, loss = raw_model(X, Y)
                 total += loss.float()
+            if ddp:  # every process scored its own batches: average them
+                torch.distributed.all_reduce(total)
+                total /= world_size
             losses[split] = (total / eval_iters).item()
         model.train()
         return losses
 
     def checkpoint_state():
         tensors = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                   "scaler": scaler.state_dict(), **rng_state(batch_rng)}
+                   "scaler": scaler.state_dict(), **rng_state(batch_state)}
         ckpt_meta = {"model_args": model_args, "config": config, "iter_num": iter_num,
                      "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "dataset": dataset}
         return tensors, ckpt_meta
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:
-        trim_metrics(metrics_path, iter_num if resumed else -1)
+        if not (eval_only or inspect):  # a new run starts a new record; a resumed one continues it
+            trim_metrics(metrics_path, iter_num if resumed else -1)
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {dev} | {dtype_name} | "
               f"{tokens_per_iter:,} tokens per iteration")
     peak = peak_flops(dev, ptdtype) if master else None
 
+    sinks = open_loggers(out_dir, config) if master else []
+
     def record(entry):
+        if not master:
+            return
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        for sink in sinks:
+            sink(entry)
 
     # Ctrl-C / SIGTERM: finish the step, save ckpt.pt, then exit
     stop = {"signal": None}
@@ -287,18 +299,24 @@ def run():
     progress = tqdm(total=max_iters, initial=iter_num, disable=None if master else True, unit="it",
                     dynamic_ncols=True, leave=False)
     log = progress.write if master else (lambda *a, **k: None)
+    batch_state = batch_rng.get_state()  # the state before the next batch is drawn: what resume needs
     X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # the first batch
-    evals_without_gain, last_val = 0, None
+    if inspect:
+        print_gradient_table(raw_model, optimizers, X, Y, autocast, get_lr(iter_num, learning_rate, warmup_iters,
+                                                                           lr_decay_iters, min_lr, decay_lr))
+        return
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    evals_without_gain, last_val, bad_steps, scaler_skips, loss_avg = 0, None, 0, 0, None
     start_iter = saved_at = last_log_iter = iter_num
     t0 = time.perf_counter()
     while True:
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
         due = iter_num % eval_interval == 0 or iter_num == max_iters
-        if due and master and not (resumed and iter_num == start_iter):
+        if due and not (resumed and iter_num == start_iter):
             losses = estimate_loss()
             last_val = losses["val"]
             log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -308,12 +326,14 @@ def run():
                 best_val_loss, evals_without_gain = losses["val"], 0
             else:
                 evals_without_gain += 1
-            if iter_num > 0 and (improved or always_save_checkpoint):
+            if master and iter_num > 0 and (improved or always_save_checkpoint):
                 tensors, ckpt_meta = checkpoint_state()
                 if improved:
                     save_checkpoint(os.path.join(out_dir, "best_model.pt"), tensors, ckpt_meta)
                 save_checkpoint(ckpt_path, tensors, ckpt_meta)
                 saved_at = iter_num
+                if keep_last_n:
+                    keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep_last_n)
             t0, last_log_iter = time.perf_counter(), iter_num  # keep eval time out of ms/iter
             if patience and evals_without_gain >= patience:
                 log(f"early stop: val loss has not improved for {patience} evals")
@@ -321,6 +341,8 @@ def run():
         if eval_only or iter_num >= max_iters:
             break
 
+        log_step = master and (iter_num + 1) % log_interval == 0
+        weights_before = [p.detach().clone() for p in params] if log_step else None  # for the update ratio
         # one optimizer step = accum_steps micro-batches; the loss is divided so grads average
         for micro_step in range(accum_steps):
             sync = micro_step == accum_steps - 1
@@ -328,32 +350,65 @@ def run():
             with ctx, autocast:
                 _, loss = model(X, Y)
                 loss = loss / accum_steps
+            batch_state = batch_rng.get_state()
             X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # fetch while busy
             scaler.scale(loss).backward()
-        if grad_clip > 0:
-            for opt in optimizers:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
+            scaler.unscale_(opt)  # real gradient sizes for the norm (nothing to undo without a scaler)
+        if grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # one host sync per step: a non-finite loss or gradient must never reach the weights
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+        if finite or scaler.is_enabled():
+            for opt in optimizers:
+                scaler.step(opt)  # with fp16, the scaler itself skips steps whose gradients overflowed
+            scaler.update()
+            scaler_skips += not finite
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            log(f"iter {iter_num}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} (first in "
+                f"{first_nonfinite_grad(raw_model)}); step skipped, weights untouched ({bad_steps}/{max_bad_steps})")
+            if bad_steps == 1:
+                log(DIVERGENCE_ADVICE)
+            if bad_steps >= max_bad_steps:
+                progress.close()
+                kept = (f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path)
+                        else "no checkpoint had been written yet")
+                print(f"error: training stopped after {bad_steps} non-finite steps in a row at iteration "
+                      f"{iter_num}; {kept}. Lower learning_rate and start again", file=sys.stderr)
+                sys.exit(3)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         iter_num += 1
         progress.update(1)
 
-        if iter_num % log_interval == 0 and master:
+        if log_step:
             t1 = time.perf_counter()
             dt = (t1 - t0) / (iter_num - last_log_iter)
             t0, last_log_iter = t1, iter_num
-            loss_value = loss.item() * accum_steps  # the only host sync: at log time
+            loss_value = loss.item() * accum_steps
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s, peak) if peak else None
+            ratios = update_ratios(optimizers, params, weights_before)
+            entry = {"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": grad_norm.item(),
+                     "clipped": bool(grad_clip > 0 and grad_norm.item() > grad_clip),
+                     "update_ratio_log10": ratios, "skipped_steps": scaler_skips,
+                     "loss_scale": scaler.get_scale() if scaler.is_enabled() else None}
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tokens_per_s:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else ""))
-            record({"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
-                    "tokens_per_s": tokens_per_s, "mfu": mfu})
+            log(format_log(entry))
+            record(entry)
+            if loss_avg is not None and math.isfinite(loss_value) and loss_value > SPIKE_FACTOR * loss_avg:
+                log(f"warning: loss spike at iter {iter_num}: {loss_value:.3f} vs a recent average of "
+                    f"{loss_avg:.3f} (learning rate too high? a bad batch?)")
+            loss_avg = loss_value if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_value
+        if ddp:  # every process must stop after the same step, whichever got the signal
+            flag = torch.tensor(float(stop["signal"] or 0), device=dev)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop["signal"] = int(flag.item()) or None
         if stop["signal"] is not None:
             break
 
@@ -375,6 +430,116 @@ def run():
             print(f"sample from it: python generate.py --ckpt {best}")
 
 
+SPIKE_FACTOR = 1.5  # warn when a logged loss exceeds this multiple of its running average
+DIVERGENCE_ADVICE = (
+    "likely causes and fixes:\n"
+    "  - learning rate too high: lower learning_rate, or raise warmup_iters\n"
+    "  - float16 overflow: use dtype='bfloat16', or float16 with its GradScaler (dtype='float16' does this)\n"
+    "  - bad data: check the dataset for garbage (python data.py ... to prepare it again)")
+
+
+def keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep):
+    """Write ckpt_<iter>.pt and delete the oldest ones beyond the newest `keep`."""
+    save_checkpoint(os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt"), tensors, ckpt_meta)
+    periodic = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    for old in periodic[:-keep]:
+        os.remove(os.path.join(out_dir, old))
+
+
+def first_nonfinite_grad(model):
+    """The module path of the first parameter whose gradient holds a NaN or Inf."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return "no gradient (the loss itself)"
+
+
+def update_ratios(optimizers, params, weights_before):
+    """log10(||w_after - w_before|| / ||w_before||) per optimizer parameter group and overall.
+
+    A healthy step changes weights by roughly 1e-3 of their size (about -3)."""
+    before = {id(p): w for p, w in zip(params, weights_before)}
+    ratios, total_dw, total_w = {}, 0.0, 0.0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            dw = sum(float((p.detach().float() - before[id(p)].float()).pow(2).sum()) for p in group["params"])
+            w = sum(float(before[id(p)].float().pow(2).sum()) for p in group["params"])
+            ratios[group["name"]] = math.log10(math.sqrt(dw / w)) if dw > 0 and w > 0 else None
+            total_dw, total_w = total_dw + dw, total_w + w
+    ratios["all"] = math.log10(math.sqrt(total_dw / total_w)) if total_dw > 0 and total_w > 0 else None
+    return ratios
+
+
+def format_log(e):
+    """One compact line per log: loss, lr, speed, then the health figures."""
+    ratio = e["update_ratio_log10"]["all"]
+    line = (f"iter {e['iter']}: loss {e['loss']:.4f}, lr {e['lr']:.2e}, {e['ms_per_iter']:.1f} ms/iter, "
+            f"{e['tokens_per_s']:,.0f} tok/s" + (f", mfu {e['mfu'] * 100:.1f}%" if e["mfu"] else "")
+            + f" | grad norm {e['grad_norm']:.3f}" + (" (clipped)" if e["clipped"] else "")
+            + (f", update {ratio:.2f}" if ratio is not None else ""))
+    if e["loss_scale"] is not None:
+        line += f", loss scale {e['loss_scale']:.0f}, skipped {e['skipped_steps']}"
+    return line
+
+
+def print_gradient_table(model, optimizers, X, Y, autocast, lr):
+    """--inspect=True: one batch, one step, and per parameter: shape, weight norm, gradient statistics
+    and the update ratio. Nothing is saved."""
+    model.train()
+    with autocast:
+        _, loss = model(X, Y)
+    loss.backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+    print(f"loss {loss.item():.4f} on one batch, lr {lr:.2e}")
+    print(f"{'parameter':<34} {'shape':>14} {'|w|':>9} {'grad mean':>10} {'grad std':>9} {'grad max':>9} "
+          f"{'log10 upd':>9}")
+    for name, p in model.named_parameters():
+        g, w = p.grad.float(), before[name].float()
+        change = (p.detach().float() - w).norm()
+        ratio = f"{math.log10(change / w.norm()):9.2f}" if change > 0 and w.norm() > 0 else f"{'n/a':>9}"
+        shape = "x".join(map(str, p.shape))
+        print(f"{name:<34} {shape:>14} {w.norm():9.4f} {g.mean():10.2e} {g.std():9.2e} {g.abs().max():9.2e} {ratio}")
+
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then flat."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def open_loggers(out_dir, config):
+    """Optional extra destinations for each metrics entry; each is a soft dependency."""
+    sinks = []
+    if config["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                             "(or leave tensorboard=False)")
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        sinks.append(lambda e: [writer.add_scalar(f"{e['type']}/{k}", v, e["iter"]) for k, v in e.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter"])
+    if config["wandb_log"]:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("wandb_log=True needs the wandb package: pip install wandb (or leave wandb_log=False)")
+        wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=config)
+        sinks.append(lambda e: wandb.log({f"{e['type']}/{k}": v for k, v in e.items()
+                                          if isinstance(v, (int, float)) and k != "iter"}, step=e["iter"]))
+    return sinks
+
+
 def load_pretrained(name_or_path, overrides):
     """GPT-2 weights via transformers; a hub name with no network is one clear error."""
     try:
@@ -394,12 +559,12 @@ def peak_flops(dev, ptdtype):
     return measure_matmul_flops(dev, ptdtype)
 
 
-def rng_state(batch_rng):
+def rng_state(batch_state):
     """Every random state training draws from, as tensors (restored exactly on resume)."""
     import random
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
-    state = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_rng.get_state(),
+    state = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_state,
              "rng_python": torch.tensor(py_state, dtype=torch.int64),
              "rng_numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "rng_numpy_pos": torch.tensor(np_state[2])}
