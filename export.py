@@ -1,0 +1,145 @@
+"""
+Export a GlassGPT checkpoint as a Hugging Face GPT-2 model directory.
+
+    python export.py --ckpt out-shakespeare/best_model.pt --out hf_model/
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_model')"
+
+Our module names are GPT-2's, so the weights copy key by key (model.py: ours_to_hf transposes the
+four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model
+gets char_vocab.json ({character: id}), since transformers has no character tokenizer for GPT-2.
+The directory is written in a temporary folder and renamed into place, so a failed export never
+leaves half a model, and an existing non-empty --out is only replaced with --force.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from checkpoint import load_checkpoint
+from configurator import ArgumentParser, UsageError, run_cli
+from data import gpt2_hf_tokenizer
+from model import GPT, GPTConfig, ours_to_hf
+
+
+def hf_config(model_args, tokenizer):
+    """The GPT2Config that describes our model: GPT-2's layout with our sizes."""
+    dropout = model_args.get("dropout", 0.0)
+    # <|endoftext|> (50256) only exists in the BPE vocabulary; a char model has no special tokens
+    special = 50256 if tokenizer["kind"] == "gpt2" and model_args["vocab_size"] > 50256 else None
+    return GPT2Config(vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
+                      n_embd=model_args["n_embd"], n_layer=model_args["n_layer"], n_head=model_args["n_head"],
+                      activation_function="gelu_new",  # the tanh GELU, as in our MLP
+                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                      layer_norm_epsilon=1e-5, bos_token_id=special, eos_token_id=special)
+
+
+def to_hf(model_args, state, tokenizer):
+    """Our state dict -> a GPT2LMHeadModel holding the same weights (eval mode)."""
+    hf = GPT2LMHeadModel(hf_config(model_args, tokenizer))
+    hf.load_state_dict(ours_to_hf(state))
+    return hf.eval()
+
+
+def check_same_logits(ours, hf):
+    """Run both models on one random sequence: the export is refused unless they agree."""
+    idx = torch.randint(0, ours.config.vocab_size, (1, min(ours.config.block_size, 64)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, _ = ours(idx, idx)  # (1, T, V)
+        b = hf(idx).logits  # (1, T, V)
+    diff = (a - b).abs().max().item()
+    # float32 rounding grows with the logits' size (large for real GPT-2s); a wrong copy is off by O(1)
+    if diff > 1e-4 * max(1.0, a.abs().max().item()):
+        raise UsageError(f"the exported model's logits differ from the checkpoint's by {diff:.2e}; "
+                         "this is a bug in export.py, please report it")
+    return diff
+
+
+def check_out_dir(out, force):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out '{out}' is a file; give a directory path")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise UsageError(f"--out '{out}' exists and is not empty; choose a new directory or add --force "
+                         "to replace it")
+
+
+def write_tokenizer(folder, tokenizer, block_size):
+    if tokenizer["kind"] == "gpt2":
+        hf_tokenizer = gpt2_hf_tokenizer()
+        hf_tokenizer.model_max_length = block_size
+        hf_tokenizer.save_pretrained(folder)
+    else:
+        vocab = {ch: i for i, ch in enumerate(tokenizer["chars"])}
+        with open(os.path.join(folder, "char_vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False, indent=0)
+
+
+def replace_dir(tmp, out):
+    """Move the finished tmp folder to out. An old out is moved aside first, put back if the move
+    fails, and deleted only once the new one is in place."""
+    old = f"{tmp}.old" if os.path.isdir(out) else None
+    if old:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old:
+            os.replace(old, out)
+        raise
+    if old:
+        shutil.rmtree(old)
+
+
+def export(ckpt_path, out, force=False):
+    """Write the checkpoint's model (and tokenizer) to out as a Hugging Face directory."""
+    out = os.path.normpath(out)
+    check_out_dir(out, force)
+    tensors, meta = load_checkpoint(ckpt_path)
+    model_args, tokenizer = meta.get("model_args", {}), meta.get("tokenizer", {})
+    if model_args.get("bias") is False:
+        raise UsageError(f"'{ckpt_path}' is a bias=False model, which Hugging Face GPT-2 cannot express "
+                         "(its layers always have biases); train with --bias=True to export")
+    try:
+        state = tensors["model"]
+        model = GPT(GPTConfig(**model_args)).eval()
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise UsageError(f"'{ckpt_path}' does not hold a complete GlassGPT model ({reason}); "
+                         "use a checkpoint written by train.py")
+    if tokenizer.get("kind") not in ("char", "gpt2"):
+        raise UsageError(f"'{ckpt_path}' names no known tokenizer ({tokenizer!r}); "
+                         "use a checkpoint written by train.py")
+    hf = to_hf(model_args, state, tokenizer)
+    diff = check_same_logits(model, hf)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
+    try:
+        hf.save_pretrained(tmp)
+        write_tokenizer(tmp, tokenizer, model_args["block_size"])
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise UsageError(f"could not write {out} ({e.strerror or e}); nothing was changed there. "
+                         "Free some disk space or choose a writable --out") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sizes = ", ".join(f"{k}={model_args[k]}" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"))
+    print(f"wrote {out} ({sizes}); its logits match the checkpoint's to {diff:.1e}")
+    return out
+
+
+def main(argv=None):
+    p = ArgumentParser(description="Export a GlassGPT checkpoint as a Hugging Face GPT-2 directory.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best_model.pt or ckpt.pt)")
+    p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files")
+    args = p.parse_args(argv)
+    export(args.ckpt, args.out, args.force)
+
+
+if __name__ == "__main__":
+    run_cli(main)
