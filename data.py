@@ -367,6 +367,11 @@ def get_batch(data, batch_size, block_size, device, generator=None):
     """batch_size random windows: x (B, T) and y (B, T), where y is x shifted one token left,
     so y[b, t] is the token that follows x[b, :t+1]."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    return windows_at(data, ix, block_size, device)
+
+
+def windows_at(data, ix, block_size, device):
+    """The windows that start at positions ix (B,): x (B, T) and y (B, T) on device."""
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix.tolist()]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))
     if device.startswith("cuda"):

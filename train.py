@@ -20,7 +20,7 @@ import torch
 import configurator
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UsageError
-from data import get_batch, load_meta, load_split, tokenizer_from
+from data import get_batch, load_meta, load_split, windows_at
 from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
 
 # -- defaults --
@@ -70,6 +70,7 @@ backend = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on CUDA if supported, else float16; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (pays off on long GPU runs)
+fsdp = False  # with torchrun: shard weights, gradients and optimizer state across processes (FSDP2)
 seed = 1337
 # -- end of defaults --
 
@@ -165,10 +166,15 @@ def run():
     else:
         rank, world_size, accum_steps = 0, 1, gradient_accumulation_steps
     master = rank == 0  # only this process logs, evaluates-and-saves and writes files
+    if fsdp and not ddp:
+        raise UsageError("fsdp=True shards the model across processes: launch it with "
+                         "torchrun --standalone --nproc_per_node=N train.py ...")
+    if fsdp and inspect:
+        raise UsageError("inspect=True runs in one process; drop fsdp=True (and torchrun) for it")
     device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
     dtype_name = pick_dtype(dtype, device_type)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed)  # the same initial weights in every process (FSDP does not broadcast them)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
@@ -185,7 +191,9 @@ def run():
         if len(data) < block_size + 1:
             raise UsageError(f"the {split} split of '{dataset}' has {len(data)} tokens, fewer than "
                              f"block_size + 1 = {block_size + 1}; use a longer text or a smaller block_size")
-    batch_rng = torch.Generator().manual_seed(seed + rank)  # its own RNG, so resuming can restore it
+    # Training batches have their own RNG, the same in every process, so that resume can restore it and
+    # the global batch does not depend on how many processes share it.
+    batch_rng = torch.Generator().manual_seed(seed)
     tokens_per_iter = accum_steps * world_size * batch_size * block_size
 
     # ---- model -------------------------------------------------------------------------------
@@ -223,48 +231,63 @@ def run():
         for key in ("n_layer", "n_head", "n_embd", "bias"):
             model_args[key] = getattr(model.config, key)
     model.to(dev)
+    torch.manual_seed(seed + rank)  # but different dropout masks in each process
+    if fsdp:
+        # FSDP2: each process keeps 1/world_size of every block's weights, gathering a block's full
+        # weights only while it runs; the optimizer then sees (and steps) only the local shards
+        from torch.distributed.fsdp import fully_shard
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
 
     # ---- optimizer -----------------------------------------------------------------------------
     optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if ckpt is not None:
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
+        if ckpt_meta.get("fsdp", False) != fsdp:
+            raise UsageError(f"cannot resume: {ckpt_path} was written with fsdp={ckpt_meta.get('fsdp', False)}; "
+                             "resume with the same fsdp setting")
+        load_optimizer_states(model, optimizers, ckpt["optimizers"], fsdp)
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, batch_rng)
-        if rank:  # the checkpoint holds rank 0's batch stream; the others start fresh, distinct ones
-            batch_rng.manual_seed(seed + rank + 1000 * iter_num)
     ckpt = None  # free the memory
     raw_model = model
     if compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev] if device_type == "cuda" else None)
 
-    @torch.inference_mode()
     def estimate_loss():
         """Mean loss over eval_iters batches of each split; the same batches at every eval."""
         model.eval()
         losses = {}
-        for split, data in (("train", train_data), ("val", val_data)):
-            eval_rng = torch.Generator().manual_seed(seed + rank)
-            total = torch.zeros((), device=dev)
-            for _ in range(eval_iters):
-                X, Y = get_batch(data, batch_size, block_size, dev, eval_rng)
-                with autocast:
-                    _, loss = raw_model(X, Y)
-                total += loss.float()
-            if ddp:  # every process scored its own batches: average them
-                torch.distributed.all_reduce(total)
-                total /= world_size
-            losses[split] = (total / eval_iters).item()
+        # inference mode skips autograd bookkeeping entirely; FSDP reuses its gather buffers in training,
+        # which tensors made in inference mode would forbid, so it gets plain no_grad
+        with torch.no_grad() if fsdp else torch.inference_mode():
+            for split, data in (("train", train_data), ("val", val_data)):
+                losses[split] = mean_loss(data)
         model.train()
         return losses
 
+    def mean_loss(data):
+        eval_rng = torch.Generator().manual_seed(seed + rank)  # the same batches at every eval
+        total = torch.zeros((), device=dev)
+        for _ in range(eval_iters):
+            X, Y = get_batch(data, batch_size, block_size, dev, eval_rng)
+            with autocast:
+                _, loss = raw_model(X, Y)
+            total += loss.float()
+        if ddp:  # every process scored its own batches: average them
+            torch.distributed.all_reduce(total)
+            total /= world_size
+        return (total / eval_iters).item()
+
     def checkpoint_state():
-        tensors = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                   "scaler": scaler.state_dict(), **rng_state(batch_state)}
-        ckpt_meta = {"model_args": model_args, "config": config, "iter_num": iter_num,
+        """(tensors, meta) to save. Every process must call it (with FSDP it gathers the shards)."""
+        model_state, optimizer_states = full_states(raw_model, optimizers, fsdp)
+        tensors = {"model": model_state, "optimizers": optimizer_states,
+                   "scaler": scaler.state_dict(), **rng_state(batch_state["next_step"])}
+        ckpt_meta = {"model_args": model_args, "config": config, "iter_num": iter_num, "fsdp": fsdp,
                      "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "dataset": dataset}
         return tensors, ckpt_meta
 
@@ -299,8 +322,21 @@ def run():
     progress = tqdm(total=max_iters, initial=iter_num, disable=None if master else True, unit="it",
                     dynamic_ncols=True, leave=False)
     log = progress.write if master else (lambda *a, **k: None)
-    batch_state = batch_rng.get_state()  # the state before the next batch is drawn: what resume needs
-    X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # the first batch
+    batch_state = {}
+
+    def train_batches():
+        """Each optimizer step draws the start positions of the whole global batch (all processes, all
+        micro-steps); this process takes its own accum_steps slices of batch_size rows."""
+        while True:
+            batch_state["next_step"] = batch_rng.get_state()  # what resume needs to redraw this step
+            ix = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps * batch_size,),
+                               generator=batch_rng)
+            for micro_step in range(accum_steps):
+                first = (rank * accum_steps + micro_step) * batch_size
+                yield windows_at(train_data, ix[first:first + batch_size], block_size, dev)
+
+    batches = train_batches()
+    X, Y = next(batches)  # the first batch
     if inspect:
         print_gradient_table(raw_model, optimizers, X, Y, autocast, get_lr(iter_num, learning_rate, warmup_iters,
                                                                            lr_decay_iters, min_lr, decay_lr))
@@ -326,14 +362,15 @@ def run():
                 best_val_loss, evals_without_gain = losses["val"], 0
             else:
                 evals_without_gain += 1
-            if master and iter_num > 0 and (improved or always_save_checkpoint):
+            if iter_num > 0 and (improved or always_save_checkpoint):
                 tensors, ckpt_meta = checkpoint_state()
-                if improved:
-                    save_checkpoint(os.path.join(out_dir, "best_model.pt"), tensors, ckpt_meta)
-                save_checkpoint(ckpt_path, tensors, ckpt_meta)
                 saved_at = iter_num
-                if keep_last_n:
-                    keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep_last_n)
+                if master:
+                    if improved:
+                        save_checkpoint(os.path.join(out_dir, "best_model.pt"), tensors, ckpt_meta)
+                    save_checkpoint(ckpt_path, tensors, ckpt_meta)
+                    if keep_last_n:
+                        keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep_last_n)
             t0, last_log_iter = time.perf_counter(), iter_num  # keep eval time out of ms/iter
             if patience and evals_without_gain >= patience:
                 log(f"early stop: val loss has not improved for {patience} evals")
@@ -341,17 +378,18 @@ def run():
         if eval_only or iter_num >= max_iters:
             break
 
-        log_step = master and (iter_num + 1) % log_interval == 0
+        log_step = (iter_num + 1) % log_interval == 0  # every process: with FSDP the figures are collective
         weights_before = [p.detach().clone() for p in params] if log_step else None  # for the update ratio
         # one optimizer step = accum_steps micro-batches; the loss is divided so grads average
         for micro_step in range(accum_steps):
             sync = micro_step == accum_steps - 1
-            ctx = model.no_sync() if ddp and not sync else nullcontext()  # all-reduce once, at the end
+            if fsdp:
+                model.set_requires_gradient_sync(sync)  # reduce-scatter once, at the end
+            ctx = model.no_sync() if ddp and not fsdp and not sync else nullcontext()  # all-reduce once, at the end
             with ctx, autocast:
                 _, loss = model(X, Y)
                 loss = loss / accum_steps
-            batch_state = batch_rng.get_state()
-            X, Y = get_batch(train_data, batch_size, block_size, dev, batch_rng)  # fetch while busy
+            X, Y = next(batches)  # fetch the next batch while the device is busy
             scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)  # real gradient sizes for the norm (nothing to undo without a scaler)
@@ -359,6 +397,7 @@ def run():
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = full(grad_norm)
         # one host sync per step: a non-finite loss or gradient must never reach the weights
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
         if finite or scaler.is_enabled():
@@ -386,13 +425,14 @@ def run():
         progress.update(1)
 
         if log_step:
+            ratios = update_ratios(optimizers, params, weights_before)
+        if log_step and master:
             t1 = time.perf_counter()
             dt = (t1 - t0) / (iter_num - last_log_iter)
             t0, last_log_iter = t1, iter_num
             loss_value = loss.item() * accum_steps
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s, peak) if peak else None
-            ratios = update_ratios(optimizers, params, weights_before)
             entry = {"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
                      "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": grad_norm.item(),
                      "clipped": bool(grad_clip > 0 and grad_norm.item() > grad_clip),
@@ -413,9 +453,10 @@ def run():
             break
 
     progress.close()
-    if master and not eval_only and saved_at != iter_num:  # ckpt.pt always ends as the final state
+    if not eval_only and saved_at != iter_num:  # ckpt.pt always ends as the final state
         tensors, ckpt_meta = checkpoint_state()
-        save_checkpoint(ckpt_path, tensors, ckpt_meta)
+        if master:
+            save_checkpoint(ckpt_path, tensors, ckpt_meta)
     if ddp:
         torch.distributed.destroy_process_group()
     if stop["signal"] is not None:
@@ -446,10 +487,36 @@ def keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep):
         os.remove(os.path.join(out_dir, old))
 
 
+def full(tensor):
+    """A plain tensor from an FSDP-sharded one (a collective: every process must call it)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_states(model, optimizers, fsdp):
+    """The unsharded model and optimizer state dicts (with FSDP: gathered onto every process's CPU)."""
+    if not fsdp:
+        return model.state_dict(), [o.state_dict() for o in optimizers]
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            [get_optimizer_state_dict(model, o, options=options) for o in optimizers])
+
+
+def load_optimizer_states(model, optimizers, states, fsdp):
+    if not fsdp:
+        for opt, state in zip(optimizers, states):
+            opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    for opt, state in zip(optimizers, states):
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
 def first_nonfinite_grad(model):
     """The module path of the first parameter whose gradient holds a NaN or Inf."""
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        if p.grad is not None and not bool(full(torch.isfinite(p.grad).all())):
             return name
     return "no gradient (the loss itself)"
 
@@ -462,8 +529,8 @@ def update_ratios(optimizers, params, weights_before):
     ratios, total_dw, total_w = {}, 0.0, 0.0
     for opt in optimizers:
         for group in opt.param_groups:
-            dw = sum(float((p.detach().float() - before[id(p)].float()).pow(2).sum()) for p in group["params"])
-            w = sum(float(before[id(p)].float().pow(2).sum()) for p in group["params"])
+            dw = sum(float(full((p.detach().float() - before[id(p)].float()).pow(2).sum())) for p in group["params"])
+            w = sum(float(full(before[id(p)].float().pow(2).sum())) for p in group["params"])
             ratios[group["name"]] = math.log10(math.sqrt(dw / w)) if dw > 0 and w > 0 else None
             total_dw, total_w = total_dw + dw, total_w + w
     ratios["all"] = math.log10(math.sqrt(total_dw / total_w)) if total_dw > 0 and total_w > 0 else None

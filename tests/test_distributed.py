@@ -1,0 +1,68 @@
+"""Several processes through PyTorch's own engine: torchrun + DDP (gloo) on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from conftest import ROOT, TINY, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def args(data_dir, out, *extra):
+    return [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--max_iters=6",
+            "--eval_interval=3", "--gradient_accumulation_steps=4", "--batch_size=4", "--dropout=0.0",
+            "--always_save_checkpoint=True", *extra]
+
+
+def torchrun(nproc, *train_args):
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "train.py"), *train_args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(char_data, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_script("train.py", *args(char_data, single), check=True)
+    result = torchrun(2, *args(char_data, ddp))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, _ = load_checkpoint(single / "ckpt.pt")
+    b, meta = load_checkpoint(ddp / "ckpt.pt")
+    assert meta["iter_num"] == 6
+    for name, tensor in a["model"].items():
+        assert (tensor - b["model"][name]).abs().max().item() < 1e-5, name
+    # only rank 0 wrote files: one checkpoint pair and one metrics file, each line logged once
+    assert sorted(os.listdir(ddp)) == ["best_model.pt", "ckpt.pt", "metrics.jsonl"]
+    iters = [json.loads(line)["iter"] for line in (ddp / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert iters == [5]
+    assert result.stdout.count("eval 6:") == 1
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_process_and_loads_for_generation(char_data, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run_script("train.py", *args(char_data, single), check=True)
+    result = torchrun(2, *args(char_data, sharded, "--fsdp=True"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, _ = load_checkpoint(single / "ckpt.pt")
+    b, meta = load_checkpoint(sharded / "ckpt.pt")
+    assert meta["fsdp"] is True and meta["iter_num"] == 6
+    for name, tensor in a["model"].items():
+        assert (tensor - b["model"][name]).abs().max().item() < 1e-5, name
+    sample = run_script("generate.py", "--ckpt", sharded / "best_model.pt", "--device", "cpu",
+                        "--max_new_tokens", "20", check=True)
+    assert len(sample.stdout.split("\n---------------\n")[0]) == 1 + 20  # the default prompt is "\n"
+    resumed = torchrun(2, *args(char_data, sharded, "--fsdp=True", "--init_from=resume", "--max_iters=8"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(sharded / "ckpt.pt")[1]["iter_num"] == 8
+
+
+def test_fsdp_without_torchrun_is_one_clear_line(char_data, tmp_path):
+    result = run_script("train.py", *args(char_data, tmp_path / "o", "--fsdp=True"))
+    assert result.returncode == 2 and "launch it with torchrun" in result.stderr
