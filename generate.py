@@ -90,8 +90,8 @@ def main():
     args = parse_args()
     device = pick_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else device
-    ptdtype = getattr(torch, pick_dtype(args.dtype, device_type))
     model, tokenizer = load_model(find_checkpoint(args.ckpt), device)
+    ptdtype = getattr(torch, pick_dtype(args.dtype, device_type, model.config.n_embd))
     prompt = read_prompt(args.start)
     ids = tokenizer.encode(prompt)
     if not ids:

@@ -53,7 +53,8 @@ n_embd = 768
 dropout = 0.0
 bias = True  # biases in Linear layers and LayerNorms
 attention = "sdpa"  # 'sdpa' (fused) or 'explicit' (the maths the docs teach); same result
-# optimizer (AdamW)
+# optimizer
+optimizer = "adamw"  # 'adamw', or 'muon': torch.optim.Muon for the blocks' matrices, AdamW for the rest
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total optimizer steps
 weight_decay = 0.1
@@ -68,8 +69,8 @@ min_lr = 6e-5  # usually learning_rate / 10
 # system
 backend = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on CUDA if supported, else float16; float32 elsewhere), 'float32', 'bfloat16', 'float16'
-compile = False  # torch.compile the model (pays off on long GPU runs)
+dtype = "auto"  # 'auto' (see fast_path), 'float32', 'bfloat16', 'float16'
+compile = "auto"  # torch.compile the model: True, False, or 'auto' (see fast_path: on CUDA, not on CPU)
 fsdp = False  # with torchrun: shard weights, gradients and optimizer state across processes (FSDP2)
 seed = 1337
 # -- end of defaults --
@@ -99,10 +100,15 @@ def check_config(c):
     for key in ("beta1", "beta2"):
         if not 0.0 <= c[key] < 1.0:
             raise UsageError(f"{key} must be in [0, 1), got {c[key]}")
+    if c["optimizer"] not in ("adamw", "muon"):
+        raise UsageError(f"optimizer must be 'adamw' or 'muon', got {c['optimizer']!r}"
+                         f"{configurator.closest(c['optimizer'], ['adamw', 'muon'])}")
     if c["attention"] not in ("sdpa", "explicit"):
         raise UsageError(f"attention must be 'sdpa' or 'explicit', got {c['attention']!r}")
     if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
+    if c["compile"] not in (True, False, "auto"):
+        raise UsageError(f"compile must be True, False or 'auto', got {c['compile']!r}")
     if c["backend"] not in ("auto", "nccl", "gloo"):
         raise UsageError(f"backend must be 'auto', 'nccl' or 'gloo', got {c['backend']!r}")
     init = c["init_from"]
@@ -131,14 +137,27 @@ def pick_device(requested):
     return requested
 
 
-def pick_dtype(requested, device_type):
-    if requested != "auto":
-        if requested == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UsageError("this GPU does not support bfloat16; use --dtype=float16")
-        return requested
+# bf16 autocast on a CPU pays once matmuls dominate the casts: measured with bench.py on a 2-core
+# AVX512-BF16 machine, it is slower at 128 wide and over twice as fast at 384 wide
+CPU_BF16_MIN_WIDTH = 256
+
+
+def fast_path(device_type, n_embd):
+    """What dtype='auto' and compile='auto' mean here: the settings measured fastest on this device."""
     if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+        return {"dtype": "bfloat16" if torch.cuda.is_bf16_supported() else "float16", "compile": True}
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device_type == "cpu" and cpu_bf16 and n_embd >= CPU_BF16_MIN_WIDTH:
+        return {"dtype": "bfloat16", "compile": False}
+    return {"dtype": "float32", "compile": False}
+
+
+def pick_dtype(requested, device_type, n_embd):
+    if requested == "auto":
+        return fast_path(device_type, n_embd)["dtype"]
+    if requested == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU does not support bfloat16; use --dtype=float16")
+    return requested
 
 
 def run():
@@ -172,7 +191,8 @@ def run():
     if fsdp and inspect:
         raise UsageError("inspect=True runs in one process; drop fsdp=True (and torchrun) for it")
     device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
-    dtype_name = pick_dtype(dtype, device_type)
+    dtype_name = pick_dtype(dtype, device_type, n_embd)
+    use_compile = fast_path(device_type, n_embd)["compile"] if compile == "auto" else compile
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     torch.manual_seed(seed)  # the same initial weights in every process (FSDP does not broadcast them)
     if device_type == "cuda":
@@ -241,7 +261,7 @@ def run():
         fully_shard(model)
 
     # ---- optimizer -----------------------------------------------------------------------------
-    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
     if ckpt is not None:
         if ckpt_meta.get("fsdp", False) != fsdp:
             raise UsageError(f"cannot resume: {ckpt_path} was written with fsdp={ckpt_meta.get('fsdp', False)}; "
@@ -251,7 +271,7 @@ def run():
         restore_rng(ckpt, batch_rng)
     ckpt = None  # free the memory
     raw_model = model
-    if compile:
+    if use_compile:
         model = torch.compile(model)
     if ddp and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -22,4 +22,3 @@ min_lr = 1e-4
 beta2 = 0.99  # a little higher, since there are few tokens per iteration
 warmup_iters = 100
 
-compile = True

@@ -1,0 +1,354 @@
+"""
+Measure speed as ratios taken side by side: the fast path (what train.py does by default on this
+device) against the reference path (what nanoGPT does on it), interleaved A B A B ... so that noise
+hits both alike, each figure the median of several repeats.
+
+    python bench.py                                    # training, generation and eval at the default shapes
+    python bench.py --config config/shakespeare.py     # training at a config's shape
+    python bench.py --data                             # dataset preparation speed on a generated 200 MB text
+    python bench.py --recipe                           # time to val 1.88: whole train.py runs, ours vs nanoGPT's
+    python bench.py --json                             # also one JSON object per measurement on stdout
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import configurator
+from configurator import ArgumentParser, UsageError, run_cli
+from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
+from train import fast_path, pick_device, update_ratios
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# (name, n_layer, n_head, n_embd, block_size, batch_size): the CPU recipe and the GPU recipe's model
+DEFAULT_SHAPES = [("4x128x64", 4, 4, 128, 64, 12), ("6x384x256", 6, 6, 384, 256, 12)]
+VOCAB = 65
+
+
+def reference_path(device_type):
+    """What nanoGPT does: eager fp32 + foreach AdamW + a host sync per step on CPU; on CUDA bf16
+    autocast, torch.compile, fused SDPA and fused AdamW, syncing only to log."""
+    if device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return {"dtype": dtype, "compile": True, "fused_adamw": True, "sync_every_step": False}
+    return {"dtype": "float32", "compile": False, "fused_adamw": False, "sync_every_step": True}
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Trainer:
+    """One model + optimizer set up the way a path says, able to run timed training steps."""
+
+    def __init__(self, shape, path, device, monitor=False):
+        name, n_layer, n_head, n_embd, block_size, batch_size = shape
+        torch.manual_seed(0)
+        self.device, self.path, self.batch_size, self.block_size = device, path, batch_size, block_size
+        self.monitor = monitor  # train.py's health monitor: a finite check per step, update ratios every 10
+        self.model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                   vocab_size=VOCAB)).to(device)
+        device_type = "cuda" if device.startswith("cuda") else device
+        groups = [{"params": list(self.model.parameters()), "name": "all"}]
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=path["fused_adamw"],
+                                           foreach=None if path["fused_adamw"] else True)
+        self.forward = torch.compile(self.model) if path["compile"] else self.model
+        dtype = getattr(torch, path["dtype"])
+        self.autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        tokens = torch.randint(0, VOCAB, (batch_size * 64, block_size + 1), device=device)
+        self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # 64 batches, reused
+
+    def step(self, i):
+        rows = slice((i % 64) * self.batch_size, (i % 64 + 1) * self.batch_size)
+        params = list(self.model.parameters())
+        log_step = self.monitor and i % 10 == 0
+        before = [p.detach().clone() for p in params] if log_step else None
+        with self.autocast:
+            _, loss = self.forward(self.x[rows], self.y[rows])
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if self.monitor:
+            bool(torch.isfinite(norm) & torch.isfinite(loss.detach()))
+        self.scaler.step(self.optimizer)
+        if log_step:
+            update_ratios([self.optimizer], params, before)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.path["sync_every_step"]:
+            loss.item()
+        return loss
+
+    def timed(self, steps):
+        """Seconds per step over `steps` steps."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = self.step(i)
+        loss.item()
+        sync(self.device)
+        return (time.perf_counter() - t0) / steps
+
+
+def interleaved(a, b, repeats):
+    """Median seconds of a() and b(), called alternately: a b a b ..."""
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(a())
+        times_b.append(b())
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, in MB
+
+
+def bench_training(shape, device, repeats, peaks):
+    device_type = "cuda" if device.startswith("cuda") else device
+    n_embd = shape[3]
+    fast, ref = fast_path(device_type, n_embd), reference_path(device_type)
+    trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device),
+                "reference": Trainer(shape, ref, device)}
+    tokens_per_step = shape[5] * shape[4]
+    steps = max(3, int(3e6 / (trainers["fast"].model.flops_per_token() * tokens_per_step / 1e6)))  # ~3 GFLOP-s
+    steps = min(steps, 40)
+    for trainer in trainers.values():  # warm up: compile, allocator, caches
+        trainer.timed(3)
+    t_fast, t_ref = interleaved(lambda: trainers["fast"].timed(steps), lambda: trainers["reference"].timed(steps),
+                                repeats)
+    flops = trainers["fast"].model.flops_per_token()
+    row = {"metric": "train_tokens_per_s", "shape": shape[0], "fast": tokens_per_step / t_fast,
+           "reference": tokens_per_step / t_ref, "ratio": t_ref / t_fast, "peak_memory_mb": peak_memory_mb(device),
+           "fast_settings": fast, "reference_settings": ref}
+    for path, seconds in (("fast", t_fast), ("reference", t_ref)):
+        dtype = trainers[path].path["dtype"]
+        row[f"{path}_ms_per_iter"] = seconds * 1000
+        row[f"{path}_mfu_measured_peak"] = flops * tokens_per_step / seconds / peaks[dtype]["measured"]
+        if peaks[dtype]["published"]:
+            row[f"{path}_mfu_published_peak"] = flops * tokens_per_step / seconds / peaks[dtype]["published"]
+    return [row]
+
+
+def bench_monitor(shape, device, repeats):
+    """The health monitor's cost: fast-path training with it against without it."""
+    device_type = "cuda" if device.startswith("cuda") else device
+    path = {**fast_path(device_type, shape[3]), "fused_adamw": True, "sync_every_step": False}
+    plain, watched = Trainer(shape, path, device), Trainer(shape, path, device, monitor=True)
+    for trainer in (plain, watched):
+        trainer.timed(3)
+    t_plain, t_watched = interleaved(lambda: plain.timed(40), lambda: watched.timed(40), repeats)
+    return [{"metric": "monitor_overhead", "shape": shape[0], "fast": t_plain * 1000, "reference": t_watched * 1000,
+             "ratio": t_plain / t_watched, "note": "ms/iter without and with the monitor (log every 10 steps)"}]
+
+
+def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
+    """New tokens per second with the KV cache against without it (the GPU recipe's model by default)."""
+    name, n_layer, n_head, n_embd, block_size, _ = shape
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                          vocab_size=VOCAB)).to(device).eval()
+    results = []
+    for batch in (1, 8):
+        for prompt_name, prompt_len in (("short", 8), ("half_block", block_size // 2)):
+            idx = torch.randint(0, VOCAB, (batch, prompt_len), device=device)
+
+            def run(kv_cache):
+                sync(device)
+                t0 = time.perf_counter()
+                model.generate(idx, new_tokens, temperature=1.0, top_k=50, kv_cache=kv_cache)
+                sync(device)
+                return new_tokens * batch / (time.perf_counter() - t0)
+            cached, uncached = interleaved(lambda: run(True), lambda: run(False), repeats)
+            results.append({"metric": "generate_tokens_per_s", "shape": f"{name} batch {batch} {prompt_name} prompt",
+                            "fast": cached, "reference": uncached, "ratio": cached / uncached,
+                            "new_tokens": new_tokens, "kv_cache": "fast"})
+    return results
+
+
+def bench_eval(device, repeats, eval_iters=200):
+    """One eval pass (eval_iters batches of the CPU recipe's shape, train and val) in inference mode
+    against the reference's no_grad."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=VOCAB)).to(device).eval()
+    xs = torch.randint(0, VOCAB, (eval_iters, 12, 64), device=device)
+    ys = torch.randint(0, VOCAB, (eval_iters, 12, 64), device=device)
+
+    def run(mode):
+        sync(device)
+        t0 = time.perf_counter()
+        with mode():
+            for _ in range(2):
+                total = torch.zeros((), device=device)
+                for x, y in zip(xs, ys):
+                    total += model(x, y)[1]
+                total.item()
+        return time.perf_counter() - t0
+    fast, ref = interleaved(lambda: run(torch.inference_mode), lambda: run(torch.no_grad), repeats)
+    return [{"metric": "eval_pass_seconds", "shape": "4x128x64", "fast": fast, "reference": ref, "ratio": ref / fast}]
+
+
+def measured_peaks(device):
+    """Matmul FLOP/s this device reaches, fp32 and bf16 (and fp16 on CUDA), plus data-sheet peaks."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    peaks = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        if dtype == "float16" and not device.startswith("cuda"):
+            continue
+        t = getattr(torch, dtype)
+        n = 4096 if device.startswith("cuda") else 1024
+        peaks[dtype] = {"measured": max(measure_matmul_flops(device, t, n=n) for _ in range(3)),
+                        "published": published_peak_flops(name, t) if device.startswith("cuda") else None}
+    return name, peaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation and whole-recipe timing run real processes
+
+
+def make_text(path, megabytes):
+    """A `megabytes` MB text of Shakespeare-like lines (varied, so BPE has real work)."""
+    rng = np.random.default_rng(0)
+    words = ("the king lord love death night thou art my sweet heart speak noble blood crown fair "
+             "sword honour grace heaven earth queen duke hath doth shall upon mine eyes tongue").split()
+    with open(path, "w", encoding="utf-8") as f:
+        written = 0
+        while written < megabytes * 2 ** 20:
+            picks = rng.integers(0, len(words), size=(2000, 8))
+            lines = "\n".join(" ".join(words[i] for i in row).capitalize() + rng.choice([",", ".", "!", "?"])
+                              for row in picks) + "\n\n"
+            f.write(lines)
+            written += len(lines)
+
+
+def run_process(command, env=None):
+    """(seconds, peak RSS in MB, stdout) of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise UsageError(f"{' '.join(command[:3])} failed: {result.stderr.strip().splitlines()[-1:]}")
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return seconds, peak, result.stdout
+
+
+def reference_prepare(path, tokenizer, out):
+    """nanoGPT's way: the whole text in memory, tokenized in one go on one core."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if tokenizer == "char":
+        stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
+        ids = [stoi[ch] for ch in text]
+    else:
+        from data import gpt2_encoding
+        ids = gpt2_encoding().encode_ordinary(text)
+    np.array(ids, dtype=np.uint16).tofile(out)
+
+
+def bench_data(megabytes):
+    """data.py (streamed, vectorised, all cores) against the whole-text reference, as processes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "big.txt")
+        make_text(text, megabytes)
+        size_mb = os.path.getsize(text) / 2 ** 20
+        for tokenizer in ("char", "gpt2"):
+            fast_s, fast_peak, _ = run_process([sys.executable, "data.py", "--input", text, "--name", tokenizer,
+                                                "--tokenizer", tokenizer, "--data_dir", tmp])
+            code = f"import bench; bench.reference_prepare({text!r}, {tokenizer!r}, {tmp + '/ref.bin'!r})"
+            ref_s, ref_peak, _ = run_process([sys.executable, "-c", code])
+            rows.append({"metric": "prepare_mb_per_s", "shape": f"{size_mb:.0f} MB text, {tokenizer}",
+                         "fast": size_mb / fast_s, "reference": size_mb / ref_s, "ratio": ref_s / fast_s,
+                         "fast_peak_rss_mb": fast_peak, "reference_peak_rss_mb": ref_peak})
+    return rows
+
+
+# nanoGPT's baby Shakespeare recipe, run by train.py; eval and log cadence as nanoGPT has them
+NANOGPT_RECIPE = ["--learning_rate=1e-3", "--max_iters=2000", "--lr_decay_iters=2000", "--warmup_iters=100",
+                  "--min_lr=1e-4", "--beta2=0.99", "--batch_size=12", "--eval_interval=250", "--eval_iters=200",
+                  "--log_interval=10", "--optimizer=adamw", "--dtype=float32", "--compile=False"]
+
+
+def bench_recipe(data_dir):
+    """Whole train.py processes, one after the other: our CPU recipe against nanoGPT's recipe run the
+    reference way. Wall-clock seconds each, and the val losses they reach."""
+    env = dict(os.environ, GLASSGPT_OFFLINE="1")
+    row = {"metric": "recipe_seconds", "shape": "4x128x64 shakespeare_char"}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"fast": ["config/shakespeare_char_cpu.py"],
+                "reference": ["config/shakespeare_char_cpu.py", *NANOGPT_RECIPE]}
+        for path, args in runs.items():
+            command = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={tmp}/{path}"]
+            row[path], _, _ = run_process(command, env)
+            with open(os.path.join(tmp, path, "metrics.jsonl"), encoding="utf-8") as f:
+                evals = [e for e in map(json.loads, f) if e["type"] == "eval"]
+            row[f"{path}_final_val_loss"] = evals[-1]["val_loss"]
+            row[f"{path}_first_eval_at_or_below_1.88"] = next((e["iter"] for e in evals if e["val_loss"] <= 1.88), None)
+    row["ratio"] = row["reference"] / row["fast"]
+    return [row]
+
+
+def print_table(rows):
+    """One line per measurement: the fast figure, the reference figure, and how many times better."""
+    for r in rows:
+        print(f"{r['metric']:<22} {r['shape']:<36} fast {r['fast']:>11,.1f}  reference {r['reference']:>11,.1f}"
+              f"  ratio {r['ratio']:5.2f}x")
+
+
+def main():
+    p = ArgumentParser(description="GlassGPT speed, measured as side-by-side ratios.")
+    p.add_argument("--config", help="measure training at this config file's model shape")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; figures are medians")
+    p.add_argument("--new_tokens", type=int, default=500, help="tokens generated per generation run")
+    p.add_argument("--data", action="store_true", help="only: dataset preparation speed on a generated text")
+    p.add_argument("--data_mb", type=int, default=200)
+    p.add_argument("--recipe", action="store_true", help="only: time to val 1.88, ours vs nanoGPT's recipe")
+    p.add_argument("--data_dir", default="data", help="for --recipe: where shakespeare_char is (or is made)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
+    args = p.parse_args()
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    device = pick_device(args.device)
+    torch.set_num_threads(torch.get_num_threads())
+    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.data:
+        rows = bench_data(args.data_mb)
+    elif args.recipe:
+        rows = bench_recipe(args.data_dir)
+    else:
+        name, peaks = measured_peaks(device)
+        info["device_name"] = name
+        info["matmul_peak_gflops"] = {k: round(v["measured"] / 1e9) for k, v in peaks.items()}
+        shapes = DEFAULT_SHAPES
+        if args.config:
+            c = configurator.load_config(configurator.train_defaults(), [args.config])
+            shapes = [(os.path.basename(args.config), c["n_layer"], c["n_head"], c["n_embd"], c["block_size"],
+                       c["batch_size"])]
+        rows = [row for shape in shapes for row in bench_training(shape, device, args.repeats, peaks)]
+        rows += bench_monitor(shapes[0], device, args.repeats)
+        rows += bench_generation(device, max(1, args.repeats // 2), args.new_tokens)
+        rows += bench_eval(device, args.repeats)
+    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+    print_table(rows)
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, "device": info.get("device_name", device)}))
+
+
+if __name__ == "__main__":
+    run_cli(main)
