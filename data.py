@@ -225,8 +225,6 @@ def read_text_chunks(path, progress):
         while True:
             block = f.read(CHUNK_BYTES)
             progress.update(len(block))
-            if b"\x00" in block:
-                raise UsageError(f"{path} looks binary (it has NUL bytes); give a UTF-8 text file")
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
@@ -247,6 +245,14 @@ def split_at_word_boundary(text):
         if text[cut].isspace() and not text[cut - 1].isspace():
             return text[:cut], text[cut:]
     return "", text
+
+
+def read_blocks(path, progress):
+    """The file's raw bytes, CHUNK_BYTES at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            progress.update(len(block))
+            yield block
 
 
 def char_ids(texts, lookup):
@@ -274,19 +280,27 @@ def gpt2_ids(texts):
         yield np.asarray(ids, dtype=np.uint16)
 
 
+def scan_bytes(path):
+    """One pass over the raw bytes: their SHA-256 and a histogram of byte values (NUL means binary)."""
+    digest, counts = hashlib.sha256(), np.zeros(256, dtype=np.int64)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+            counts += np.bincount(np.frombuffer(block, dtype=np.uint8), minlength=256)
+    if counts[0]:
+        raise UsageError(f"{path} looks binary (it has NUL bytes); give a UTF-8 text file")
+    return digest.hexdigest(), counts
+
+
 def scan_chars(path):
-    """The sorted characters of a file and its SHA-256, in one streaming pass."""
+    """The sorted set of characters in a (UTF-8) file, in one streaming pass."""
     from tqdm import tqdm
     seen = np.zeros(0x110000, dtype=bool)
-    digest = hashlib.sha256()
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="scanning", leave=False,
               disable=None) as bar:
         for text in read_text_chunks(path, bar):
             seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return [chr(c) for c in np.flatnonzero(seen)], digest.hexdigest()
+    return [chr(c) for c in np.flatnonzero(seen)]
 
 
 def prepare(input_path, out_dir, tokenizer_kind, source=None):
@@ -300,21 +314,27 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
     if size == 0:
         raise UsageError(f"{input_path} is empty; give a text file with some content")
     os.makedirs(out_dir, exist_ok=True)
-    if tokenizer_kind == "char":
-        chars, text_sha = scan_chars(input_path)
-        if len(chars) > 65535:
-            raise UsageError(f"{input_path} has {len(chars)} distinct characters, more than uint16 ids hold")
-        tokenizer = CharTokenizer(chars)
-        lookup = np.zeros(0x110000, dtype=np.uint16)
-        lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
-        stream = lambda texts: char_ids(texts, lookup)
+    text_sha, byte_counts = scan_bytes(input_path)
+    if tokenizer_kind == "gpt2":
+        tokenizer = GPT2Tokenizer()
+        stream = lambda bar: gpt2_ids(read_text_chunks(input_path, bar))
+    elif not byte_counts[128:].any():  # pure ASCII: each byte is a character, no decoding needed
+        tokenizer = CharTokenizer([chr(b) for b in np.flatnonzero(byte_counts)])
+        lookup = np.zeros(256, dtype=np.uint16)
+        lookup[np.flatnonzero(byte_counts)] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
+        stream = lambda bar: (lookup[np.frombuffer(block, dtype=np.uint8)] for block in read_blocks(input_path, bar))
     else:
-        text_sha, tokenizer, stream = sha256_file(input_path), GPT2Tokenizer(), gpt2_ids
+        tokenizer = CharTokenizer(scan_chars(input_path))
+        if tokenizer.vocab_size > 65535:
+            raise UsageError(f"{input_path} has {tokenizer.vocab_size} distinct characters, more than uint16 ids hold")
+        lookup = np.zeros(0x110000, dtype=np.uint16)
+        lookup[[ord(c) for c in tokenizer.chars]] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
+        stream = lambda bar: char_ids(read_text_chunks(input_path, bar), lookup)
     # every id goes to one file first; the last 10% are then moved into val.bin
     all_path = os.path.join(out_dir, f"all.bin.tmp{os.getpid()}")
     with open(all_path, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing",
-                                                     disable=None) as bar:
-        for ids in stream(read_text_chunks(input_path, bar)):
+                                           disable=None) as bar:
+        for ids in stream(bar):
             out.write(ids.tobytes())
     n_tokens = os.path.getsize(all_path) // 2
     n_train = int(n_tokens * TRAIN_FRACTION)

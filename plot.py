@@ -89,7 +89,11 @@ def plot_runs(runs, title=None):
             ax.legend(fontsize=7)
     if "grad_norm" in panels and axes[2].has_data():
         axes[2].set_yscale("log")
-    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    peaks = [max(e["lr"] for e in train) for train, _ in runs.values() if any(e.get("lr") for e in train)]
+    if len(peaks) > 1 and min(peaks) > 0 and max(peaks) / min(peaks) > 5:
+        axes[1].set_yscale("log")  # a sweep over decades: each run's schedule stays visible
+    else:
+        axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

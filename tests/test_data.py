@@ -48,9 +48,12 @@ def test_corrupt_bpe_file_is_a_clear_error(monkeypatch, tmp_path):
         data.gpt2_files()
 
 
-@pytest.mark.parametrize("kind", ["char", "gpt2"])
-def test_prepared_bins_equal_tokenizing_the_whole_text(tmp_path, monkeypatch, kind):
-    text = MULTILINGUAL * 400
+ASCII = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\tSpeak, speak!\n"
+
+
+@pytest.mark.parametrize("kind, sample", [("char", MULTILINGUAL), ("char", ASCII), ("gpt2", MULTILINGUAL)])
+def test_prepared_bins_equal_tokenizing_the_whole_text(tmp_path, monkeypatch, kind, sample):
+    text = sample * 400
     path = tmp_path / "in.txt"
     path.write_text(text, encoding="utf-8")
     monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # many chunks, cut at awkward places
