@@ -7,6 +7,7 @@ hits both alike, each figure the median of several repeats.
     python bench.py --config config/shakespeare.py     # training at a config's shape
     python bench.py --data                             # dataset preparation speed on a generated 200 MB text
     python bench.py --recipe                           # time to val 1.88: whole train.py runs, ours vs nanoGPT's
+    python bench.py --recipe --keep_runs=out-recipe    # ... and keep both runs' folders for plot.py
     python bench.py --json                             # also one JSON object per measurement on stdout
 """
 
@@ -280,21 +281,24 @@ def bench_data(megabytes):
 # nanoGPT's baby Shakespeare recipe, run by train.py; eval and log cadence as nanoGPT has them
 NANOGPT_RECIPE = ["--learning_rate=1e-3", "--max_iters=2000", "--lr_decay_iters=2000", "--warmup_iters=100",
                   "--min_lr=1e-4", "--beta2=0.99", "--batch_size=12", "--eval_interval=250", "--eval_iters=200",
-                  "--log_interval=10", "--optimizer=adamw", "--dtype=float32", "--compile=False"]
+                  "--log_interval=10", "--eval_at_start=True", "--optimizer=adamw", "--dtype=float32",
+                  "--compile=False"]
 
 
-def bench_recipe(data_dir):
+def bench_recipe(data_dir, keep_runs=None):
     """Whole train.py processes, one after the other: our CPU recipe against nanoGPT's recipe run the
-    reference way. Wall-clock seconds each, and the val losses they reach."""
+    reference way. Wall-clock seconds each, and the val losses they reach. The runs' folders are
+    kept in keep_runs/{fast,reference} when it is given (for plot.py), else thrown away."""
     env = dict(os.environ, GLASSGPT_OFFLINE="1")
     row = {"metric": "recipe_seconds", "shape": "4x128x64 shakespeare_char"}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {"fast": ["config/shakespeare_char_cpu.py"],
                 "reference": ["config/shakespeare_char_cpu.py", *NANOGPT_RECIPE]}
         for path, args in runs.items():
-            command = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={tmp}/{path}"]
+            out_dir = os.path.join(keep_runs or tmp, path)
+            command = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
             row[path], _, _ = run_process(command, env)
-            with open(os.path.join(tmp, path, "metrics.jsonl"), encoding="utf-8") as f:
+            with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
                 evals = [e for e in map(json.loads, f) if e["type"] == "eval"]
             row[f"{path}_final_val_loss"] = evals[-1]["val_loss"]
             row[f"{path}_first_eval_at_or_below_1.88"] = next((e["iter"] for e in evals if e["val_loss"] <= 1.88), None)
@@ -319,6 +323,7 @@ def main():
     p.add_argument("--data_mb", type=int, default=200)
     p.add_argument("--recipe", action="store_true", help="only: time to val 1.88, ours vs nanoGPT's recipe")
     p.add_argument("--data_dir", default="data", help="for --recipe: where shakespeare_char is (or is made)")
+    p.add_argument("--keep_runs", help="for --recipe: keep the two runs in this folder (fast/, reference/)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     args = p.parse_args()
     if args.repeats < 1:
@@ -329,7 +334,7 @@ def main():
     if args.data:
         rows = bench_data(args.data_mb)
     elif args.recipe:
-        rows = bench_recipe(args.data_dir)
+        rows = bench_recipe(args.data_dir, args.keep_runs)
     else:
         name, peaks = measured_peaks(device)
         info["device_name"] = name

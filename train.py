@@ -30,6 +30,7 @@ eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iteratio
 log_interval = 1  # print and record training figures every this many iterations
 eval_iters = 200  # batches averaged for each train/val loss estimate
 eval_only = False  # evaluate once and exit
+eval_at_start = True  # also evaluate before the first step (the untrained loss); False saves one eval
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val improves
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF directory
 patience = 0  # stop after this many evals without val improvement; 0 = never
@@ -146,10 +147,14 @@ def fast_path(device_type, n_embd):
     """What dtype='auto' and compile='auto' mean here: the settings measured fastest on this device."""
     if device_type == "cuda":
         return {"dtype": "bfloat16" if torch.cuda.is_bf16_supported() else "float16", "compile": True}
-    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if device_type == "cpu" and cpu_bf16 and n_embd >= CPU_BF16_MIN_WIDTH:
+    if device_type == "cpu" and cpu_has_bf16() and n_embd >= CPU_BF16_MIN_WIDTH:
         return {"dtype": "bfloat16", "compile": False}
     return {"dtype": "float32", "compile": False}
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bfloat16 matmul instructions; without them bfloat16 runs emulated, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def pick_dtype(requested, device_type, n_embd):
@@ -262,6 +267,9 @@ def run():
 
     # ---- optimizer -----------------------------------------------------------------------------
     optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+    if optimizer == "muon" and device_type == "cpu" and not cpu_has_bf16() and master:
+        print("warning: torch.optim.Muon orthogonalises in bfloat16, which this CPU can only emulate: expect "
+              "steps many times slower than with optimizer='adamw'")
     if ckpt is not None:
         if ckpt_meta.get("fsdp", False) != fsdp:
             raise UsageError(f"cannot resume: {ckpt_path} was written with fsdp={ckpt_meta.get('fsdp', False)}; "
@@ -371,8 +379,10 @@ def run():
             for group in opt.param_groups:
                 group["lr"] = lr
 
-        due = iter_num % eval_interval == 0 or iter_num == max_iters
-        if due and not (resumed and iter_num == start_iter):
+        due = eval_only or iter_num % eval_interval == 0 or iter_num == max_iters
+        # no eval before the first step of a resumed run (the stopped run made it), nor when not asked
+        skip = iter_num == start_iter and (resumed or not eval_at_start) and not eval_only
+        if due and not skip:
             losses = estimate_loss()
             last_val = losses["val"]
             log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -382,7 +392,7 @@ def run():
                 best_val_loss, evals_without_gain = losses["val"], 0
             else:
                 evals_without_gain += 1
-            if iter_num > 0 and (improved or always_save_checkpoint):
+            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint):
                 tensors, ckpt_meta = checkpoint_state()
                 saved_at = iter_num
                 if master:

@@ -78,3 +78,15 @@ def test_early_stopping_ends_run_after_patience_evals(char_data, tmp_path):
     assert "early stop" in result.stdout
     evals = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert max(e["iter"] for e in evals) < 100
+
+
+def test_eval_at_start_false_skips_the_untrained_eval_but_eval_only_still_evaluates(char_data, tmp_path):
+    out = tmp_path / "o"
+    common = [f"--data_dir={char_data}", "--dataset=tiny", f"--out_dir={out}", *TINY]
+    run_script("train.py", *common, "--max_iters=4", "--eval_interval=2", "--eval_at_start=False", check=True)
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in evals if e["type"] == "eval"] == [2, 4]
+    before = (out / "ckpt.pt").read_bytes()
+    result = run_script("train.py", *common, "--init_from=resume", "--eval_only=True", check=True)
+    assert "eval 4: train loss" in result.stdout  # a resumed eval_only run evaluates once, at its iteration
+    assert (out / "ckpt.pt").read_bytes() == before  # and writes no checkpoint
