@@ -151,7 +151,8 @@ def bench_monitor(shape, device, repeats):
     plain, watched = Trainer(shape, path, device), Trainer(shape, path, device, monitor=True)
     for trainer in (plain, watched):
         trainer.timed(3)
-    t_plain, t_watched = interleaved(lambda: plain.timed(40), lambda: watched.timed(40), repeats)
+    # the difference is small against the noise, so three times the repeats
+    t_plain, t_watched = interleaved(lambda: plain.timed(40), lambda: watched.timed(40), 3 * repeats)
     return [{"metric": "monitor_overhead", "shape": shape[0], "fast": t_plain * 1000, "reference": t_watched * 1000,
              "ratio": t_plain / t_watched, "note": "ms/iter without and with the monitor (log every 10 steps)"}]
 
@@ -235,16 +236,34 @@ def make_text(path, megabytes):
             written += len(lines)
 
 
-def run_process(command, env=None):
-    """(seconds, peak RSS in MB, stdout) of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Run by each measured child before its own code: at exit it reports the child's own peak RSS
+# (VmHWM starts afresh at exec; ru_maxrss would include the parent's memory at fork time).
+PEAK_PROBE = """import atexit, sys
+def _report_peak():
+    try:
+        with open('/proc/self/status') as f:
+            print('peak_rss_kb', *[l.split()[1] for l in f if l.startswith('VmHWM')], file=sys.stderr)
+    except OSError:
+        pass
+atexit.register(_report_peak)
+"""
+
+
+def script_code(name):
+    """Python code that runs script `name` as __main__ with the command line's arguments."""
+    return f"import runpy, sys; sys.argv[0] = {name!r}; runpy.run_path({name!r}, run_name='__main__')"
+
+
+def run_process(code, args=(), env=None):
+    """(seconds, peak RSS in MB, stdout) of `python -c code args...` in a fresh process."""
     t0 = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", PEAK_PROBE + code, *args], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
     seconds = time.perf_counter() - t0
     if result.returncode != 0:
-        raise UsageError(f"{' '.join(command[:3])} failed: {result.stderr.strip().splitlines()[-1:]}")
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    return seconds, peak, result.stdout
+        raise UsageError(f"{' '.join(map(str, args[:3]))} failed: {result.stderr.strip().splitlines()[-1:]}")
+    peaks = [int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("peak_rss_kb ")]
+    return seconds, peaks[-1] / 1024 if peaks else float("nan"), result.stdout
 
 
 def reference_prepare(path, tokenizer, out):
@@ -268,10 +287,10 @@ def bench_data(megabytes):
         make_text(text, megabytes)
         size_mb = os.path.getsize(text) / 2 ** 20
         for tokenizer in ("char", "gpt2"):
-            fast_s, fast_peak, _ = run_process([sys.executable, "data.py", "--input", text, "--name", tokenizer,
-                                                "--tokenizer", tokenizer, "--data_dir", tmp])
+            fast_s, fast_peak, _ = run_process(script_code("data.py"), ["--input", text, "--name", tokenizer,
+                                                                        "--tokenizer", tokenizer, "--data_dir", tmp])
             code = f"import bench; bench.reference_prepare({text!r}, {tokenizer!r}, {tmp + '/ref.bin'!r})"
-            ref_s, ref_peak, _ = run_process([sys.executable, "-c", code])
+            ref_s, ref_peak, _ = run_process(code)
             rows.append({"metric": "prepare_mb_per_s", "shape": f"{size_mb:.0f} MB text, {tokenizer}",
                          "fast": size_mb / fast_s, "reference": size_mb / ref_s, "ratio": ref_s / fast_s,
                          "fast_peak_rss_mb": fast_peak, "reference_peak_rss_mb": ref_peak})
@@ -296,8 +315,8 @@ def bench_recipe(data_dir, keep_runs=None):
                 "reference": ["config/shakespeare_char_cpu.py", *NANOGPT_RECIPE]}
         for path, args in runs.items():
             out_dir = os.path.join(keep_runs or tmp, path)
-            command = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
-            row[path], _, _ = run_process(command, env)
+            row[path], _, _ = run_process(script_code("train.py"), [*args, f"--data_dir={data_dir}",
+                                                                    f"--out_dir={out_dir}"], env)
             with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
                 evals = [e for e in map(json.loads, f) if e["type"] == "eval"]
             row[f"{path}_final_val_loss"] = evals[-1]["val_loss"]

@@ -9,6 +9,7 @@ A prepared dataset is data/<name>/{train.bin, val.bin, meta.json}: token ids as 
 tokenizer (so nothing is ever unpickled).
 """
 
+import collections
 import hashlib
 import importlib.util
 import json
@@ -262,22 +263,33 @@ def char_ids(texts, lookup):
         yield lookup[codepoints]
 
 
-def gpt2_ids(texts):
-    """BPE ids of the stream, encoding several large chunks at once on all cores."""
-    encoding = gpt2_encoding()
-    threads = os.cpu_count() or 1
-    pending, carry = [], ""
-    for text in texts:
-        head, carry = split_at_word_boundary(carry + text)
-        if head:
-            pending.append(head)
-        if len(pending) >= threads:
-            for ids in encoding.encode_ordinary_batch(pending, num_threads=threads):
-                yield np.asarray(ids, dtype=np.uint16)
-            pending = []
-    pending.append(carry)
-    for ids in encoding.encode_ordinary_batch(pending, num_threads=threads):
-        yield np.asarray(ids, dtype=np.uint16)
+def encode_chunk(text):
+    """One chunk's GPT-2 BPE ids (run in a worker process)."""
+    return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+def gpt2_ids(texts, workers):
+    """BPE ids of the stream, in order. tiktoken holds Python's GIL while it encodes, so threads
+    would take turns: chunks cut at whitespace go to `workers` processes, a few at a time."""
+    def chunks():
+        carry = ""
+        for text in texts:
+            head, carry = split_at_word_boundary(carry + text)
+            if head:
+                yield head
+        yield carry
+    if workers == 1:
+        yield from map(encode_chunk, chunks())
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for chunk in chunks():
+            pending.append(pool.submit(encode_chunk, chunk))
+            if len(pending) > 2 * workers:  # a few chunks in flight, never the whole text
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def scan_bytes(path):
@@ -317,7 +329,8 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
     text_sha, byte_counts = scan_bytes(input_path)
     if tokenizer_kind == "gpt2":
         tokenizer = GPT2Tokenizer()
-        stream = lambda bar: gpt2_ids(read_text_chunks(input_path, bar))
+        workers = min(os.cpu_count() or 1, -(-size // CHUNK_BYTES))  # one process per chunk at most
+        stream = lambda bar: gpt2_ids(read_text_chunks(input_path, bar), workers)
     elif not byte_counts[128:].any():  # pure ASCII: each byte is a character, no decoding needed
         tokenizer = CharTokenizer([chr(b) for b in np.flatnonzero(byte_counts)])
         lookup = np.zeros(256, dtype=np.uint16)
