@@ -3,10 +3,13 @@ Tokenizers, dataset preparation and batches.
 
 Prepare any UTF-8 text:   python data.py --input my.txt --name mydata --tokenizer char|gpt2
 Prepare a known dataset:  python data.py --name shakespeare_char   (or shakespeare)
+Prepare a corpus:         python data.py --folder my_texts/ --name mycorpus   (.txt and .jsonl files)
+                          python data.py --hf Skylion007/openwebtext --name openwebtext   (streamed)
 
 A prepared dataset is data/<name>/{train.bin, val.bin, meta.json}: token ids as uint16, the first
 90% of the ids for training and the last 10% for validation, and JSON describing the source and the
-tokenizer (so nothing is ever unpickled).
+tokenizer (so nothing is ever unpickled). A corpus of documents is split by document instead (every
+10th to validation) and joined with GPT-2's end-of-text token; see prepare_corpus.
 """
 
 import collections
@@ -218,14 +221,15 @@ def write_atomically(path, data):
     os.replace(tmp, path)
 
 
-def read_text_chunks(path, progress):
+def read_text_chunks(path, progress=None):
     """Yield the file's text in pieces of about CHUNK_BYTES, checking that it is UTF-8 text."""
     import codecs
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
         while True:
             block = f.read(CHUNK_BYTES)
-            progress.update(len(block))
+            if progress is not None:
+                progress.update(len(block))
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
@@ -268,28 +272,50 @@ def encode_chunk(text):
     return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
+def cut_at_words(texts):
+    """The stream of texts cut again at whitespace (split_at_word_boundary), so that every piece
+    encodes to exactly the ids it has inside the whole stream."""
+    carry = ""
+    for text in texts:
+        head, carry = split_at_word_boundary(carry + text)
+        if head:
+            yield head
+    yield carry
+
+
 def gpt2_ids(texts, workers):
-    """BPE ids of the stream, in order. tiktoken holds Python's GIL while it encodes, so threads
-    would take turns: chunks cut at whitespace go to `workers` processes, a few at a time."""
-    def chunks():
-        carry = ""
-        for text in texts:
-            head, carry = split_at_word_boundary(carry + text)
-            if head:
-                yield head
-        yield carry
+    """BPE ids of the stream, in order: chunks cut at whitespace, encoded by `workers` processes."""
+    return in_order(encode_chunk, cut_at_words(texts), workers)
+
+
+def in_order(work, jobs, workers):
+    """work(job) for every job, in order. tiktoken holds Python's GIL while it encodes, so threads
+    would take turns: the jobs go to `workers` processes, a few at a time, never the whole stream."""
     if workers == 1:
-        yield from map(encode_chunk, chunks())
+        yield from map(work, jobs)
         return
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         pending = collections.deque()
-        for chunk in chunks():
-            pending.append(pool.submit(encode_chunk, chunk))
-            if len(pending) > 2 * workers:  # a few chunks in flight, never the whole text
+        for job in jobs:
+            pending.append(pool.submit(work, job))
+            if len(pending) > 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def exit_with_parent(parent_pid):
+    """Worker start-up: leave once the parent is gone. A parent killed with -9 cannot stop its
+    workers, and they would wait for work forever."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def scan_bytes(path):
@@ -369,15 +395,244 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
     return meta
 
 
+# ---------------------------------------------------------------------------------------------
+# Corpora: many documents (a folder of .txt/.jsonl files, or a Hugging Face dataset), streamed,
+# tokenized with GPT-2 BPE on all cores, written as they come, and resumable after a kill
+
+VAL_EVERY = round(1 / (1 - TRAIN_FRACTION))  # every 10th document goes to val.bin, the others to train.bin
+PROGRESS_FILE = "progress.tmp.json"  # there while a corpus is being prepared: what is safely on disk
+
+
+def check_uint16(vocab_size, what):
+    """train.bin and val.bin hold ids as uint16: a larger vocabulary must be refused, not wrapped."""
+    if vocab_size > np.iinfo(np.uint16).max + 1:
+        raise UsageError(f"{what} has {vocab_size:,} token ids, more than the 65,536 that uint16 ids hold; "
+                         "use GPT-2's BPE (50,257 ids)")
+
+
+def corpus_files(folder):
+    """The .txt and .jsonl files under folder, sub-folders included, in a fixed (sorted) order."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"folder '{folder}' not found; give a folder of .txt and .jsonl files")
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.endswith((".txt", ".jsonl")))
+    if not paths:
+        raise UsageError(f"{folder} has no .txt or .jsonl files; put the documents there")
+    return paths
+
+
+def folder_pieces(paths, text_field):
+    """(starts_document, text) pieces. A .txt file is one document, read CHUNK_BYTES at a time and cut
+    at whitespace; every non-blank line of a .jsonl file is one document, its `text_field` string."""
+    for path in paths:
+        if path.endswith(".txt"):
+            for i, text in enumerate(cut_at_words(read_text_chunks(path))):
+                yield i == 0, text
+        else:
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield True, document_text(parse_json_line(line, f"{path}:{number}"), text_field,
+                                                  f"{path}:{number}")
+
+
+def parse_json_line(line, where):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise UsageError(f"{where}: not a JSON object ({e}); a .jsonl file holds one object per line")
+
+
+def document_text(record, text_field, where):
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: no text in a field '{text_field}'; name the field that holds it "
+                         "with --text_field")
+    return text
+
+
+def hf_rows(name, config, split):
+    """The rows of a Hugging Face dataset, streamed: shards are fetched as they are read."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--hf needs Hugging Face's datasets package, which is optional: pip install datasets")
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not open the Hugging Face dataset '{name}' ({str(e).splitlines()[0][:150]}); "
+                         "check the name, --hf_config, --hf_split and the network")
+
+
+def row_pieces(rows, text_field, name):
+    """(starts_document, text) pieces: every row is one document."""
+    for number, row in enumerate(rows, 1):
+        yield True, document_text(row, text_field, f"{name} row {number}")
+
+
+def encode_text(text):
+    """GPT-2 ids of a text as uint16, straight from tiktoken's buffer (no Python list of ints)."""
+    try:
+        return gpt2_encoding().encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
+    except UnicodeEncodeError:  # lone surrogates (JSON can escape them): encode_ordinary replaces them
+        return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+def corpus_jobs(pieces, done):
+    """Work for the encoding processes: ((pieces, documents) reached, [(to_val, end_of_text_first,
+    text), ...]) with about CHUNK_BYTES of text each, after the `done` pieces already written.
+
+    Document d goes to val.bin when d % VAL_EVERY == VAL_EVERY - 1; an end-of-text token goes before
+    every document but the first of its split, so each split is its documents joined by end-of-text."""
+    job, size, count, document = [], 0, 0, -1
+    for count, (starts_document, text) in enumerate(pieces, 1):
+        document += starts_document
+        if count <= done:
+            continue  # written before the interruption
+        to_val = document % VAL_EVERY == VAL_EVERY - 1
+        first_of_split = document == (VAL_EVERY - 1 if to_val else 0)
+        job.append((to_val, starts_document and not first_of_split, text))
+        size += len(text)
+        if size >= CHUNK_BYTES:
+            yield (count, document + 1), job
+            job, size = [], 0
+    if job:
+        yield (count, document + 1), job
+    if count < done:
+        raise UsageError(f"the input has {count:,} pieces, fewer than the {done:,} already written: it changed "
+                         f"since the preparation was interrupted; delete {PROGRESS_FILE} to start over")
+
+
+def encode_job(job):
+    """(reached, train ids, val ids) of one job (run in a worker process)."""
+    reached, items = job
+    empty, eot = np.zeros(0, dtype=np.uint16), np.array([gpt2_encoding().eot_token], dtype=np.uint16)
+    parts = {False: [empty], True: [empty]}
+    for to_val, end_of_text_first, text in items:
+        if end_of_text_first:
+            parts[to_val].append(eot)
+        parts[to_val].append(encode_text(text))
+    return reached, np.concatenate(parts[False]), np.concatenate(parts[True])
+
+
+def resume_state(out_dir, source):
+    """The progress record of an interrupted preparation of this same input, or a fresh one."""
+    path = os.path.join(out_dir, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return {"input": source, "pieces": 0, "documents": 0, "train_tokens": 0, "val_tokens": 0}
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except ValueError:
+        raise UsageError(f"{path} is not valid JSON; delete it to start the preparation over")
+    if state.get("input") != source:
+        raise UsageError(f"{out_dir} holds an unfinished preparation of another input ({state.get('input')}); "
+                         f"run that command again to finish it, or delete {path} to start over")
+    print(f"resuming: {state['documents']:,} documents, {state['train_tokens'] + state['val_tokens']:,} "
+          "tokens already written")
+    return state
+
+
+def open_at(path, size):
+    """path opened for writing after its first `size` bytes, the part the progress record vouches for;
+    anything after it was written after the last record and is dropped."""
+    f = open(path, "r+b" if os.path.exists(path) else "w+b")
+    if os.fstat(f.fileno()).st_size < size:
+        f.close()
+        raise UsageError(f"{path} is shorter than its progress record says; delete {PROGRESS_FILE} next to it "
+                         "to start over")
+    f.truncate(size)
+    f.seek(size)
+    return f
+
+
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_corpus(pieces, out_dir, source, workers=None):
+    """Tokenize a stream of (starts_document, text) pieces into out_dir/{train.bin, val.bin, meta.json}.
+
+    Ids are appended as they come, with a progress record after each job: a preparation stopped at
+    any point (even by kill -9) and run again with the same `source` ends with the same files."""
+    from tqdm import tqdm
+    check_uint16(GPT2Tokenizer.vocab_size, "GPT-2's BPE")
+    gpt2_encoding()  # built (and its files checked) once here; the forked workers inherit it
+    source = {**source, "chunk_bytes": CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the pieces
+    os.makedirs(out_dir, exist_ok=True)
+    state = resume_state(out_dir, source)
+    progress_path, meta_path = os.path.join(out_dir, PROGRESS_FILE), os.path.join(out_dir, "meta.json")
+    write_atomically(progress_path, json.dumps(state).encode("utf-8"))  # the folder now says it is in the making
+    if state["pieces"] == 0 and os.path.exists(meta_path):
+        os.remove(meta_path)  # until the new bins are complete, the folder is not a usable dataset
+    files = {split: open_at(os.path.join(out_dir, f"{split}.bin"), 2 * state[f"{split}_tokens"])
+             for split in ("train", "val")}
+    with tqdm(unit="tok", unit_scale=True, initial=state["train_tokens"] + state["val_tokens"],
+              desc="tokenizing", disable=None) as bar:
+        for reached, train_ids, val_ids in in_order(encode_job, corpus_jobs(pieces, state["pieces"]),
+                                                    workers or usable_cores()):
+            for split, ids in (("train", train_ids), ("val", val_ids)):
+                files[split].write(ids.tobytes())
+                files[split].flush()
+                os.fsync(files[split].fileno())  # on disk before the record says so
+                state[f"{split}_tokens"] += len(ids)
+            state["pieces"], state["documents"] = reached
+            write_atomically(progress_path, json.dumps(state).encode("utf-8"))
+            bar.update(len(train_ids) + len(val_ids))
+    for f in files.values():
+        f.close()
+    documents = state["documents"]
+    if documents == 0:
+        raise UsageError(f"{source.get('folder') or source.get('hf')} holds no documents")
+    meta = {"source": source, "tokenizer": GPT2Tokenizer().describe(), "vocab_size": GPT2Tokenizer.vocab_size,
+            "train_tokens": state["train_tokens"], "val_tokens": state["val_tokens"],
+            "train_documents": documents - documents // VAL_EVERY, "val_documents": documents // VAL_EVERY}
+    write_atomically(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+    os.remove(progress_path)
+    print(f"prepared {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens from "
+          f"{documents:,} documents (GPT-2 BPE)")
+    if not meta["val_documents"]:
+        print(f"note: val.bin is empty: every {VAL_EVERY}th document goes there, and there are only {documents}")
+    return meta
+
+
+def folder_source(folder, paths, text_field):
+    """What identifies a folder's contents for resuming: its files' names, sizes and times."""
+    listing = [[os.path.relpath(p, folder), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+    digest = hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+    return {"folder": os.path.abspath(folder), "files_sha256": digest, "text_field": text_field}
+
+
+def prepare_folder(folder, out_dir, text_field="text", workers=None):
+    paths = corpus_files(folder)
+    return prepare_corpus(folder_pieces(paths, text_field), out_dir, folder_source(folder, paths, text_field),
+                          workers)
+
+
+def prepare_hf(name, out_dir, config=None, split="train", text_field="text", workers=None):
+    source = {"hf": name, "config": config, "split": split, "text_field": text_field}
+    return prepare_corpus(row_pieces(hf_rows(name, config, split), text_field, name), out_dir, source, workers)
+
+
 def load_meta(data_dir, name):
     """meta.json of data/<name>, preparing a known dataset first if its files are missing."""
     folder = os.path.join(data_dir, name)
     meta_path = os.path.join(folder, "meta.json")
     ready = all(os.path.isfile(os.path.join(folder, f)) for f in ("train.bin", "val.bin", "meta.json"))
     if not ready:
+        if os.path.isfile(os.path.join(folder, PROGRESS_FILE)):
+            raise UsageError(f"{folder} is being prepared, or its preparation was interrupted; run the same "
+                             "python data.py command again to finish it")
+        if name not in KNOWN_DATASETS and os.path.isdir(folder) and not os.path.isfile(meta_path):
+            text = os.path.join(folder, "input.txt")
+            text = text if os.path.isfile(text) else "your.txt"
+            where = "" if data_dir == "data" else f" --data_dir {data_dir}"
+            raise UsageError(f"{folder} has no meta.json (which tokenizer made its ids), so it cannot be used; "
+                             f"prepare it again: python data.py --input {text} --name {name}{where} --tokenizer char")
         if name not in KNOWN_DATASETS:
             raise UsageError(f"dataset '{name}' is not prepared in {folder}; run: "
-                             f"python data.py --input your.txt --name {name} --tokenizer char")
+                             f"python data.py --input your.txt --name {name} --tokenizer char "
+                             "(a corpus of documents: --folder DIR or --hf NAME instead of --input)")
         path, source = find_known_source(name, data_dir)
         prepare(path, folder, KNOWN_DATASETS[name], source)
     try:
@@ -405,12 +660,14 @@ def get_batch(data, batch_size, block_size, device, generator=None):
 
 def windows_at(data, ix, block_size, device):
     """The windows that start at positions ix (B,): x (B, T) and y (B, T) on device."""
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix.tolist()]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))
+    offsets = np.arange(block_size + 1)
+    rows = torch.from_numpy(data[ix.numpy()[:, None] + offsets].astype(np.int64))  # (B, T + 1), one gather
     if device.startswith("cuda"):
         # page-locked memory lets the copy to the GPU run while the CPU carries on
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    else:
+        rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:].contiguous()  # y is x shifted one token left
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -437,9 +694,23 @@ def main():
     parser.add_argument("--name", required=True, help="dataset name: data/<name>/ is written")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char, or the known dataset's")
     parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--folder", help="a folder of .txt files (one document each) and .jsonl files (one per line)")
+    parser.add_argument("--hf", help="a Hugging Face dataset name, streamed (needs: pip install datasets)")
+    parser.add_argument("--hf_config", help="with --hf: the dataset's configuration (subset), if it has several")
+    parser.add_argument("--hf_split", default="train", help="with --hf: the split to read")
+    parser.add_argument("--text_field", default="text", help="the field of a .jsonl line or a row that holds the text")
     args = parser.parse_args()
     out_dir = os.path.join(args.data_dir, args.name)
-    if args.input:
+    if sum(map(bool, (args.input, args.folder, args.hf))) > 1:
+        raise UsageError("give one of --input, --folder and --hf")
+    if (args.folder or args.hf) and args.tokenizer == "char":
+        raise UsageError("--folder and --hf corpora are GPT-2 BPE (documents end at its end-of-text token); "
+                         "drop --tokenizer char")
+    if args.folder:
+        prepare_folder(args.folder, out_dir, args.text_field)
+    elif args.hf:
+        prepare_hf(args.hf, out_dir, args.hf_config, args.hf_split, args.text_field)
+    elif args.input:
         prepare(args.input, out_dir, args.tokenizer or "char")
     elif args.name in KNOWN_DATASETS:
         path, source = find_known_source(args.name, args.data_dir)

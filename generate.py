@@ -8,8 +8,6 @@ Sample text from a trained checkpoint; tokens are printed as they are made.
 import glob
 import os
 import sys
-from contextlib import nullcontext
-
 import torch
 
 from checkpoint import load_checkpoint
@@ -69,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
     p.add_argument("--stop", default=None, help="stop a sample when this text appears")
     p.add_argument("--no_kv_cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token step (fused kernels; costs seconds to compile)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -92,29 +92,29 @@ def main():
     device_type = "cuda" if device.startswith("cuda") else device
     model, tokenizer = load_model(find_checkpoint(args.ckpt), device)
     ptdtype = getattr(torch, pick_dtype(args.dtype, device_type, model.config.n_embd))
+    # sampling needs no float32 master weights: run in the chosen dtype itself, with no casts per step
+    model = model.to(ptdtype)
     prompt = read_prompt(args.start)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UsageError("the prompt is empty; give --start some text")
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # same seed -> same text
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     for _ in range(args.num_samples):
         sys.stdout.write(prompt)
         text_ids, printed = [], ""
-        with autocast:
-            for token in model.generate_stream(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                               kv_cache=not args.no_kv_cache, generator=generator):
-                text_ids.append(token.item())
-                text = tokenizer.decode(text_ids)
-                if args.stop and args.stop in text:
-                    text = text[:text.index(args.stop) + len(args.stop)]
-                if text.startswith(printed) and not text.endswith("\ufffd"):  # whole characters only
-                    sys.stdout.write(text[len(printed):])
-                    sys.stdout.flush()
-                    printed = text
-                if args.stop and args.stop in text:
-                    break
+        for token in model.generate_stream(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                           kv_cache=not args.no_kv_cache, generator=generator, compile=args.compile):
+            text_ids.append(token.item())
+            text = tokenizer.decode(text_ids)
+            if args.stop and args.stop in text:
+                text = text[:text.index(args.stop) + len(args.stop)]
+            if text.startswith(printed) and not text.endswith("\ufffd"):  # whole characters only
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+            if args.stop and args.stop in text:
+                break
         sys.stdout.write(text[len(printed):] + "\n---------------\n")
         sys.stdout.flush()
 

@@ -12,6 +12,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from configurator import UsageError
+
+
+LAYER_NORM_EPS = 1e-5  # GPT-2's
+
 
 class LayerNorm(nn.Module):
     """LayerNorm whose bias can be switched off (PyTorch's nn.LayerNorm always has one)."""
@@ -22,33 +27,31 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one layer: each (B, nh, block_size, hs).
+    """Keys and values of one layer at every position of the context: each (B, nh, block_size, hs).
 
-    Generation fills it once with the prompt (prefill), then appends one position per new token,
-    so each step attends to the past without recomputing it. The buffers are made on first use,
-    in the dtype the keys come in (bf16 under autocast, for example).
+    The buffers have their full size from the start (made on first use, in the dtype the keys come in).
+    Writing positions p fills those columns; attention then reads all block_size columns and the causal
+    mask row of each query hides the ones not written yet. So every one-token step has the same shapes,
+    which lets the GPU reuse its kernels or replay the whole step as one CUDA graph (`DecodeStep`).
     """
 
     def __init__(self, block_size):
         self.block_size = block_size
         self.k = self.v = None
-        self.length = 0
 
-    def append(self, k, v):
-        """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+    def write(self, k, v, pos):
+        """Store k, v (B, nh, T, hs) at positions pos (T,); return all keys and values (B, nh, block_size, hs)."""
         if self.k is None:
             B, nh, _, hs = k.shape
             self.k = k.new_zeros(B, nh, self.block_size, hs)
             self.v = v.new_zeros(B, nh, self.block_size, hs)
-        start, end = self.length, self.length + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,38 +72,36 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
+        mask = None  # without a cache, the queries and keys are the same T positions: plain causal
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)  # (B, nh, past + T, hs)
+            k, v = cache.write(k, v, pos)  # (B, nh, block_size, hs)
+            mask = self.causal_mask[pos]  # (T, block_size): the query at position p sees keys 0..p
         if self.attention == "sdpa":
-            y = self._sdpa(q, k, v, past)
+            y = self._sdpa(q, k, v, mask)
         else:
-            y = self._explicit(q, k, v, past)
+            y = self._explicit(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def _sdpa(self, q, k, v, past):
+    def _sdpa(self, q, k, v, mask):
         """PyTorch's fused attention: the same maths as _explicit, in one kernel (flash on CUDA)."""
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        # with a cache, query rows sit at positions past .. past+T-1 of the key columns
-        T = q.size(2)
-        mask = self.causal_mask[past:past + T, :past + T]  # (T, past + T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _explicit(self, q, k, v, past):
+    def _explicit(self, q, k, v, mask):
         """The textbook path the docs teach: softmax(q @ k^T / sqrt(hs), causal) @ v."""
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-        mask = self.causal_mask[past:past + T, :S]  # (T, S)
+        if mask is None:
+            mask = self.causal_mask[:T, :S]  # (T, S)
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
@@ -133,8 +134,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -171,21 +172,25 @@ def published_peak_flops(device_name, dtype):
     return None
 
 
-def measure_matmul_flops(device, dtype, n=1024, repeats=8):
-    """Time square matmuls on this device: a measured peak for MFU when no data sheet applies."""
+def measure_matmul_flops(device, dtype, seconds=2.0):
+    """The best FLOP/s of square matmuls repeated for `seconds` on this device: the peak for MFU where
+    no data sheet applies. The best, not the mean, because other programs can only slow a matmul down."""
     import time
+    n = 4096 if device.startswith("cuda") else 1024  # large enough to keep the device busy
     rng = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
-    best = float("inf")
-    for _ in range(repeats):
+    a @ b  # the first call pays for thread start-up and kernel selection
+    best, spent, repeats = float("inf"), 0.0, 0
+    while spent < seconds or repeats < 3:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
     return 2 * n ** 3 / best
 
 
@@ -229,29 +234,28 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, pos=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T), logits are (B, T, V) and loss is the mean cross-entropy (targets of
         -1 are ignored). Without targets only the last position is scored: logits (B, 1, V).
-        caches: one KVCache per layer, for generation; positions then continue after the cache.
+        caches: one KVCache per layer, for generation, with pos (T,) the positions of idx's tokens.
         """
         B, T = idx.size()
-        past = caches[0].length if caches else 0
-        assert past + T <= self.config.block_size, (
-            f"cannot run a sequence of {past + T} tokens, block_size is {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        assert T <= self.config.block_size, f"cannot run {T} tokens at once, block_size is {self.config.block_size}"
+        if pos is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, pos)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             return logits, loss
-        logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): only the next token is needed
+        logits = self.lm_head(x[:, -1:, :])  # (B, 1, V): only the next token is needed
         return logits, None
 
     def crop_block_size(self, block_size):
@@ -267,7 +271,8 @@ class GPT(nn.Module):
         """Load GPT-2 weights from Hugging Face (a hub name or a local save_pretrained directory)."""
         override_args = override_args or {}
         assert set(override_args) <= {"dropout", "attention"}, override_args
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel
+        refuse_gpt2_variants(GPT2Config.from_pretrained(name_or_path), name_or_path)
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         hc = hf.config
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
@@ -318,29 +323,76 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        kv_cache=True, generator=None):
+                        kv_cache=True, generator=None, compile=False):
         """Sample max_new_tokens tokens after idx (B, T), yielding each new (B, 1) as it is made.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely, top_p
         the smallest set whose probability reaches p. Without the cache, each step runs the model
         on the last block_size tokens. With it, the prompt's window is run once (prefill) and each
-        step then feeds only the new token. Learned positions stop at block_size, so when the cache
-        is full the last block_size // 2 tokens are run again from position 0 and steps continue.
+        step then feeds only the new token (`DecodeStep`; compile=True also runs that step through
+        torch.compile). Learned positions stop at block_size, so when the cache is full the last
+        block_size // 2 tokens are run again from position 0 and steps continue.
         """
         block_size = self.config.block_size
-        caches = None
+        caches, step, pos = None, None, 0
         for _ in range(max_new_tokens):
             if not kv_cache:
                 logits, _ = self(idx[:, -block_size:])
-            elif caches is None or caches[0].length == block_size:
-                keep = min(idx.size(1), block_size) if caches is None else block_size // 2
-                caches = [KVCache(block_size) for _ in range(self.config.n_layer)]
-                logits, _ = self(idx[:, -keep:], caches=caches)
+            elif caches is None or pos == block_size:
+                pos = min(idx.size(1), block_size) if caches is None else block_size // 2
+                caches = caches or [KVCache(block_size) for _ in range(self.config.n_layer)]
+                positions = torch.arange(pos, device=idx.device)  # (pos,): the window restarts at 0
+                logits, _ = self(idx[:, -pos:], caches=caches, pos=positions)
+                step = step or DecodeStep(self, caches, idx.size(0), compile)
             else:
-                logits, _ = self(idx[:, -1:], caches=caches)
+                logits = step(idx[:, -1:], pos)  # the newest token, at position pos
+                pos += 1
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
+
+
+class DecodeStep:
+    """The one-token step of cached generation: ids (B, 1) at position pos -> logits (B, 1, V).
+
+    Its inputs live in fixed buffers and its shapes never change, so on CUDA it is recorded once as a
+    CUDA graph and then replayed: one launch per token instead of one per kernel, which is most of the
+    cost of a small model. compile=True also fuses its kernels with torch.compile.
+    """
+
+    def __init__(self, model, caches, batch_size, compile=False):
+        device = model.lm_head.weight.device
+        self.model, self.caches = model, caches
+        self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.run = torch.compile(self.forward, fullgraph=True, dynamic=False) if compile else self.forward
+        self.use_graph, self.graph, self.logits = device.type == "cuda", None, None
+
+    def forward(self):
+        return self.model(self.idx, caches=self.caches, pos=self.pos)[0]
+
+    def __call__(self, idx, pos):
+        self.idx.copy_(idx)
+        self.pos.fill_(pos)
+        if not self.use_graph:
+            return self.run()
+        if self.graph is None:
+            self.record()
+        self.graph.replay()  # rewrites self.logits in place
+        return self.logits
+
+    def record(self):
+        # warm up on a side stream first (kernel choices, compilation), as CUDA graph capture requires;
+        # rerunning the step is harmless: it writes the same keys and values at the same position
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.run()
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -368,6 +420,25 @@ def top_p_filter(probs, top_p):
 
 # Hugging Face's GPT-2 stores these weights as Conv1D, i.e. transposed relative to nn.Linear.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def refuse_gpt2_variants(hc, name_or_path):
+    """A UsageError naming the first Hugging Face GPT-2 setting whose maths this model does not have:
+    loading such weights would run without error and compute something else."""
+    implemented = {  # field: (is the value one we compute?, what we compute)
+        "activation_function": (hc.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "'gelu_new' (tanh GELU)"),
+        "n_inner": (hc.n_inner in (None, 4 * hc.n_embd), f"None (an MLP 4 x n_embd = {4 * hc.n_embd} wide)"),
+        "scale_attn_weights": (hc.scale_attn_weights, "True (scores divided by sqrt(head size))"),
+        "scale_attn_by_inverse_layer_idx": (not hc.scale_attn_by_inverse_layer_idx, "False"),
+        "reorder_and_upcast_attn": (not hc.reorder_and_upcast_attn, "False"),
+        "layer_norm_epsilon": (hc.layer_norm_epsilon == LAYER_NORM_EPS, f"{LAYER_NORM_EPS}"),
+        "add_cross_attention": (not hc.add_cross_attention, "False (a decoder only)"),
+        "tie_word_embeddings": (hc.tie_word_embeddings, "True (the head is the token embedding)"),
+    }
+    for field, (ok, ours) in implemented.items():
+        if not ok:
+            raise UsageError(f"{name_or_path} is a GPT-2 variant this model does not implement: {field} is "
+                             f"{getattr(hc, field)!r}, GlassGPT computes {ours}; use a standard GPT-2 checkpoint")
 
 
 def hf_to_ours(hf_state):

@@ -9,6 +9,7 @@ Train a GPT. One script, top to bottom: config -> setup -> data -> model -> opti
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -20,14 +21,17 @@ import torch
 import configurator
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UsageError
-from data import get_batch, load_meta, load_split, windows_at
+from data import load_meta, load_split, windows_at
 from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
+from run_folder import lock_run_folder, make_run_folder, remove_leftovers, set_aside_earlier_run
 
 # -- defaults --
 # I/O
 out_dir = "out"
+replace_earlier_run = False  # a new run moves an earlier run's files to out_dir/earlier-runs/<time>/; True deletes them
 eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iterations
 log_interval = 1  # print and record training figures every this many iterations
+monitor_interval = 50  # measure the weights' update ratios every this many iterations (a copy of every weight)
 eval_iters = 200  # batches averaged for each train/val loss estimate
 eval_only = False  # evaluate once and exit
 eval_at_start = True  # also evaluate before the first step (the untrained loss); False saves one eval
@@ -83,8 +87,8 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
 def check_config(c):
     """Values that have the right type but cannot work, reported before anything is built."""
-    positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                "block_size", "n_layer", "n_head", "n_embd", "max_bad_steps")
+    positive = ("eval_interval", "log_interval", "monitor_interval", "eval_iters", "gradient_accumulation_steps",
+                "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_bad_steps")
     for key in positive:
         if c[key] < 1:
             raise UsageError(f"'{key}' must be at least 1, got {c[key]}")
@@ -116,6 +120,17 @@ def check_config(c):
     if init not in INIT_CHOICES and not os.path.isdir(init):
         raise UsageError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a Hugging Face model "
                          f"directory, got {init!r}{configurator.closest(init, INIT_CHOICES)}")
+
+
+def check_same_data(ckpt_meta, ckpt_path, dataset, meta, master):
+    """Resuming needs the checkpoint's tokenizer: the same ids must mean the same tokens."""
+    trained_on = ckpt_meta.get("dataset", dataset)
+    if ckpt_meta.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+        raise UsageError(f"cannot resume: {ckpt_path} was trained on dataset '{trained_on}', whose tokenizer "
+                         f"differs from that of '{dataset}'; resume with --dataset={trained_on}, or start a new "
+                         "run in another out_dir")
+    if trained_on != dataset and master:
+        print(f"resume: dataset changed from {trained_on} to {dataset} (the same tokenizer)")
 
 
 def pick_device(requested):
@@ -225,15 +240,19 @@ def run():
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta["vocab_size"], dropout=dropout, attention=attention)
     iter_num, best_val_loss, resumed, ckpt = 0, float("inf"), False, None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create out_dir '{out_dir}' ({e.strerror}); choose a writable folder")
+    evaluated_at = None  # the iteration of the last finished evaluation
+    make_run_folder(out_dir)
+    if master and not inspect:  # torchrun's processes are one run: its first process speaks for all
+        lock_run_folder(out_dir)
+        remove_leftovers(out_dir)
+        if init_from != "resume" and not eval_only:
+            set_aside_earlier_run(out_dir, replace_earlier_run)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif init_from == "resume":
         ckpt, ckpt_meta = load_checkpoint(ckpt_path, map_location=dev)
+        check_same_data(ckpt_meta, ckpt_path, dataset, meta, master)
         saved_args = ckpt_meta["model_args"]
         changed = [k for k in MODEL_KEYS if saved_args[k] != model_args[k]]
         if changed:
@@ -246,6 +265,7 @@ def run():
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(ckpt["model"])
         iter_num, best_val_loss, resumed = ckpt_meta["iter_num"], ckpt_meta["best_val_loss"], True
+        evaluated_at = iter_num if ckpt_meta.get("evaluated", True) else None  # a stop may have abandoned it
     else:
         model = load_pretrained(init_from, dict(dropout=dropout, attention=attention))
         if model.config.vocab_size != meta["vocab_size"]:
@@ -286,29 +306,43 @@ def run():
         model = DDP(model, device_ids=[dev] if device_type == "cuda" else None)
 
     def estimate_loss():
-        """Mean loss over eval_iters batches of each split; the same batches at every eval."""
+        """Train loss over eval_iters random batches (the same ones at every eval); val loss exactly,
+        over the whole split, when that is no more work than eval_iters batches (else sampled too)."""
         model.eval()
-        losses = {}
         # inference mode skips autograd bookkeeping entirely; FSDP reuses its gather buffers in training,
         # which tensors made in inference mode would forbid, so it gets plain no_grad
         with torch.no_grad() if fsdp else torch.inference_mode():
-            for split, data in (("train", train_data), ("val", val_data)):
-                losses[split] = mean_loss(data)
+            losses = {"train": sampled_loss(train_data)}
+            whole = len(val_data) <= eval_iters * batch_size * block_size
+            losses["val"] = whole_split_loss(val_data) if whole else sampled_loss(val_data)
         model.train()
         return losses
 
-    def mean_loss(data):
+    def sampled_loss(data):
         eval_rng = torch.Generator().manual_seed(seed + rank)  # the same batches at every eval
-        total = torch.zeros((), device=dev)
-        for _ in range(eval_iters):
-            X, Y = get_batch(data, batch_size, block_size, dev, eval_rng)
+        starts = [torch.randint(len(data) - block_size, (batch_size,), generator=eval_rng)
+                  for _ in range(eval_iters)]
+        return mean_loss(data, starts)
+
+    def whole_split_loss(data):
+        """Every non-overlapping block_size window once: the split's exact loss, not an estimate."""
+        n_windows = (len(data) - 1) // block_size  # the last window needs one more token as its target
+        mine = torch.arange(rank, n_windows, world_size) * block_size  # with DDP each process scores a share
+        return mean_loss(data, list(torch.split(mine, batch_size)))
+
+    def mean_loss(data, batches_of_starts):
+        """Mean loss of the windows starting at each batch's positions, averaged over all processes."""
+        total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        for starts in eval_batches(batches_of_starts):
+            X, Y = windows_at(data, starts, block_size, dev)
             with autocast:
                 _, loss = raw_model(X, Y)
-            total += loss.float()
-        if ddp:  # every process scored its own batches: average them
+            total += loss.float() * len(starts)  # the loss is a mean over the batch: weight by its size
+            count += len(starts)
+        if ddp:
             torch.distributed.all_reduce(total)
-            total /= world_size
-        return (total / eval_iters).item()
+            torch.distributed.all_reduce(count)
+        return (total / count).item()
 
     def checkpoint_state():
         """(tensors, meta) to save. Every process must call it (with FSDP it gathers the shards)."""
@@ -316,13 +350,14 @@ def run():
         tensors = {"model": model_state, "optimizers": optimizer_states,
                    "scaler": scaler.state_dict(), **rng_state(batch_state["next_step"])}
         ckpt_meta = {"model_args": model_args, "config": config, "iter_num": iter_num, "fsdp": fsdp,
-                     "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "dataset": dataset}
+                     "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "dataset": dataset,
+                     "evaluated": evaluated_at == iter_num}
         return tensors, ckpt_meta
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:
-        if not (eval_only or inspect):  # a new run starts a new record; a resumed one continues it
-            trim_metrics(metrics_path, iter_num if resumed else -1)
+        if resumed and not (eval_only or inspect):  # a resumed run continues its record (a new one starts afresh)
+            trim_metrics(metrics_path, iter_num)
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {dev} | {dtype_name} | "
               f"{tokens_per_iter:,} tokens per iteration")
     peak = peak_flops(dev, ptdtype) if master else None
@@ -337,11 +372,18 @@ def run():
         for sink in sinks:
             sink(entry)
 
-    # Ctrl-C / SIGTERM: finish the step, save ckpt.pt, then exit
+    # Ctrl-C / SIGTERM: stop at the next safe point (after this step, or abandoning an evaluation), save
+    # ckpt.pt, then exit; a second one exits at once
     stop = {"signal": None}
 
     def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            os.write(sys.stderr.fileno(), b"\nsecond interrupt: exiting now, without saving\n")
+            sys.exit(128 + signum)
         stop["signal"] = signum
+        # os.write, not print: a handler may run in the middle of a print, and print is not re-entrant
+        os.write(sys.stderr.fileno(), b"\nstopping at the next safe point to save ckpt.pt "
+                                      b"(interrupt again to exit at once, without saving)\n")
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
@@ -351,6 +393,14 @@ def run():
                     dynamic_ncols=True, leave=False)
     log = progress.write if master else (lambda *a, **k: None)
     batch_state = {}
+
+    def eval_batches(batches):
+        """An evaluation's batches, with a progress bar. A stop request abandons the evaluation, except
+        under torchrun, whose processes must all make the same collective calls: they finish it first."""
+        for batch in tqdm(batches, desc="evaluating", unit="batch", leave=False, disable=None if master else True):
+            if stop["signal"] is not None and not ddp:
+                raise EvalAbandoned
+            yield batch
 
     def train_batches():
         """Each optimizer step draws the start positions of the whole global batch (all processes, all
@@ -369,8 +419,17 @@ def run():
         print_gradient_table(raw_model, optimizers, X, Y, autocast, get_lr(iter_num, learning_rate, warmup_iters,
                                                                            lr_decay_iters, min_lr, decay_lr))
         return
+    # evaluate before the first step unless not asked to, or the checkpoint's state was evaluated already
+    eval_first = evaluated_at != iter_num if resumed else eval_at_start
+    if device_type == "cpu" and master and not ddp and not eval_only and iter_num < max_iters:
+        evals = evals_ahead(iter_num, max_iters, eval_interval, eval_first)
+        print(how_long(raw_model, X, Y, autocast, accum_steps, max_iters - iter_num, evals, 2 * eval_iters))
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    evals_without_gain, last_val, bad_steps, scaler_skips, loss_avg = 0, None, 0, 0, None
+    evals_without_gain, last_val, loss_avg, ratios, skipped_reported = 0, None, None, None, 0
+    # the NaN guard's counts live on the device (see step_unless_bad): the current and longest run of
+    # non-finite steps in a row, and all skipped steps
+    bad_run, longest_bad_run, skipped = (torch.zeros((), device=dev) for _ in range(3))
+    skip_on_device = not fsdp and not scaler.is_enabled() and all(o.defaults.get("fused") for o in optimizers)
     start_iter = saved_at = last_log_iter = iter_num
     t0 = time.perf_counter()
     while True:
@@ -380,11 +439,14 @@ def run():
                 group["lr"] = lr
 
         due = eval_only or iter_num % eval_interval == 0 or iter_num == max_iters
-        # no eval before the first step of a resumed run (the stopped run made it), nor when not asked
-        skip = iter_num == start_iter and (resumed or not eval_at_start) and not eval_only
+        skip = iter_num == start_iter and not eval_first and not eval_only
         if due and not skip:
-            losses = estimate_loss()
-            last_val = losses["val"]
+            try:
+                losses = estimate_loss()
+            except EvalAbandoned:
+                log(f"eval {iter_num}: abandoned, a stop was requested")
+                break
+            last_val, evaluated_at = losses["val"], iter_num
             log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             record({"type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
@@ -409,7 +471,8 @@ def run():
             break
 
         log_step = (iter_num + 1) % log_interval == 0  # every process: with FSDP the figures are collective
-        weights_before = [p.detach().clone() for p in params] if log_step else None  # for the update ratio
+        monitor_step = (iter_num + 1) % monitor_interval == 0
+        weights_before = [p.detach().clone() for p in params] if monitor_step else None  # for the update ratio
         # one optimizer step = accum_steps micro-batches; the loss is divided so grads average
         for micro_step in range(accum_steps):
             sync = micro_step == accum_steps - 1
@@ -428,25 +491,29 @@ def run():
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         grad_norm = full(grad_norm)
-        # one host sync per step: a non-finite loss or gradient must never reach the weights
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
-        if finite or scaler.is_enabled():
-            for opt in optimizers:
-                scaler.step(opt)  # with fp16, the scaler itself skips steps whose gradients overflowed
-            scaler.update()
-            scaler_skips += not finite
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            log(f"iter {iter_num}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} (first in "
-                f"{first_nonfinite_grad(raw_model)}); step skipped, weights untouched ({bad_steps}/{max_bad_steps})")
-            if bad_steps == 1:
-                log(DIVERGENCE_ADVICE)
-            if bad_steps >= max_bad_steps:
+        # the NaN guard: a non-finite loss or gradient must never reach the weights. It is decided on the
+        # device, so the host never waits for the step; the host reads the counts at the next log.
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))  # () bool
+        step_unless_bad(optimizers, scaler, bad, skip_on_device)
+        if not scaler.is_enabled():  # with fp16 the scaler owns skipping, and overflows are routine
+            bad_run = (bad_run + 1) * bad  # non-finite steps in a row, 0 after a good one
+            longest_bad_run = torch.maximum(longest_bad_run, bad_run)
+        skipped += bad
+        if monitor_step:
+            ratios = update_ratios(optimizers, params, weights_before)
+        if log_step:
+            # the one read of the device between logs
+            loss_value, norm_value, run_now, longest, skipped_now = torch.stack(
+                [loss.detach().float() * accum_steps, grad_norm.float(), bad_run, longest_bad_run, skipped]).tolist()
+            if skipped_now > skipped_reported:
+                report_skipped_steps(log, iter_num, loss_value, raw_model, int(run_now), int(skipped_now - skipped_reported),
+                                     first=skipped_reported == 0, scaler=scaler)
+                skipped_reported = skipped_now
+            if longest >= max_bad_steps:
                 progress.close()
                 kept = (f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path)
                         else "no checkpoint had been written yet")
-                print(f"error: training stopped after {bad_steps} non-finite steps in a row at iteration "
+                print(f"error: training stopped after {int(longest)} non-finite steps in a row at iteration "
                       f"{iter_num}; {kept}. Lower learning_rate and start again", file=sys.stderr)
                 sys.exit(3)
         for opt in optimizers:
@@ -454,20 +521,18 @@ def run():
         iter_num += 1
         progress.update(1)
 
-        if log_step:
-            ratios = update_ratios(optimizers, params, weights_before)
         if log_step and master:
             t1 = time.perf_counter()
             dt = (t1 - t0) / (iter_num - last_log_iter)
             t0, last_log_iter = t1, iter_num
-            loss_value = loss.item() * accum_steps
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s, peak) if peak else None
             entry = {"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
-                     "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": grad_norm.item(),
-                     "clipped": bool(grad_clip > 0 and grad_norm.item() > grad_clip),
-                     "update_ratio_log10": ratios, "skipped_steps": scaler_skips,
+                     "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": norm_value,
+                     "clipped": bool(grad_clip > 0 and norm_value > grad_clip),
+                     "update_ratio_log10": ratios, "skipped_steps": int(skipped_now),
                      "loss_scale": scaler.get_scale() if scaler.is_enabled() else None}
+            ratios = None  # each measurement is logged once
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             log(format_log(entry))
             record(entry)
@@ -475,7 +540,7 @@ def run():
                 log(f"warning: loss spike at iter {iter_num}: {loss_value:.3f} vs a recent average of "
                     f"{loss_avg:.3f} (learning rate too high? a bad batch?)")
             loss_avg = loss_value if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_value
-        if ddp:  # every process must stop after the same step, whichever got the signal
+        if ddp and log_step:  # every process must stop after the same step, whichever got the signal
             flag = torch.tensor(float(stop["signal"] or 0), device=dev)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop["signal"] = int(flag.item()) or None
@@ -499,6 +564,53 @@ def run():
         print(f"done: best val loss {best_val_loss:.4f}" + (f", last {last_val:.4f}" if last_val else ""))
         if os.path.exists(best):
             print(f"sample from it: python generate.py --ckpt {best}")
+
+
+class EvalAbandoned(Exception):
+    """A stop request during an evaluation: its batches so far are dropped and the run stops."""
+
+
+# a CPU run estimated to take longer than this is likely a recipe sized for a GPU
+GPU_SIZED_SECONDS = 3600
+
+
+def evals_ahead(start, max_iters, eval_interval, eval_first):
+    """How many evaluations the loop will make from iteration start on (without early stopping)."""
+    multiples = max_iters // eval_interval - (start - 1) // eval_interval  # of eval_interval in [start, max_iters]
+    final = max_iters % eval_interval != 0  # the last iteration is always evaluated
+    return multiples + final - ((start % eval_interval == 0 or start == max_iters) and not eval_first)
+
+
+def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches):
+    """One line: roughly how long the run will take here, from one timed training step and one timed
+    evaluation batch on the first batch. Weights, gradients and random state are left as they were."""
+    with torch.random.fork_rng(devices=[]):  # dropout draws random numbers: training must not see them
+        with torch.inference_mode(), autocast:
+            model(X, Y)  # untimed: the first call pays for allocations and kernel selection
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = model(X, Y)
+        loss.backward()
+        t1 = time.perf_counter()
+        with torch.inference_mode(), autocast:
+            model(X, Y)
+        t2 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    step_s, batch_s = (t1 - t0) * accum_steps, t2 - t1
+    total = steps * step_s + evals * eval_batches * batch_s
+    line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
+            f"evaluation(s) of up to {eval_batches} batches will take about {duration(total)}")
+    if total > GPU_SIZED_SECONDS:
+        line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
+                 "a smaller model in minutes")
+    return line
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 SPIKE_FACTOR = 1.5  # warn when a logged loss exceeds this multiple of its running average
@@ -551,25 +663,69 @@ def first_nonfinite_grad(model):
     return "no gradient (the loss itself)"
 
 
+def step_unless_bad(optimizers, scaler, bad, on_device):
+    """Update the weights unless `bad` (a () bool tensor on the device) says the step is non-finite.
+
+    Fused AdamW takes a `found_inf` tensor and skips its own update when it is 1, the way it does for
+    GradScaler, so the host never waits for the device. Other optimizers (Muon, or any under FSDP) make
+    the host read `bad` first: one sync per step. With float16 the GradScaler itself skips steps whose
+    gradients overflowed."""
+    if scaler.is_enabled():
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+    elif on_device:
+        for opt in optimizers:
+            opt.found_inf = bad.float()
+            opt.step()
+            del opt.found_inf
+    elif not bool(bad):
+        for opt in optimizers:
+            opt.step()
+
+
+def report_skipped_steps(log, iter_num, loss_value, model, in_a_row, new_skips, first, scaler):
+    """Say which steps the NaN guard skipped since the last log; the first time, why it happens."""
+    if scaler.is_enabled():
+        return  # float16 overflows are routine: the log line shows the loss scale and the skips
+    if in_a_row:  # this very step was bad: its gradients are still here to name the culprit
+        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        log(f"iter {iter_num}: non-finite {what} (first in {first_nonfinite_grad(model)}); step skipped, "
+            f"weights untouched ({in_a_row}/{max_bad_steps})")
+    else:
+        log(f"iter {iter_num}: {new_skips} non-finite step(s) since the last log were skipped, weights untouched")
+    if first:
+        log(DIVERGENCE_ADVICE)
+
+
 def update_ratios(optimizers, params, weights_before):
     """log10(||w_after - w_before|| / ||w_before||) per optimizer parameter group and overall.
 
-    A healthy step changes weights by roughly 1e-3 of their size (about -3)."""
+    A healthy step changes weights by roughly 1e-3 of their size (about -3). The sums stay on the device
+    and are read back once."""
     before = {id(p): w for p, w in zip(params, weights_before)}
-    ratios, total_dw, total_w = {}, 0.0, 0.0
+    names, sums = [], []
     for opt in optimizers:
         for group in opt.param_groups:
-            dw = sum(float(full((p.detach().float() - before[id(p)].float()).pow(2).sum())) for p in group["params"])
-            w = sum(float(full(before[id(p)].float().pow(2).sum())) for p in group["params"])
-            ratios[group["name"]] = math.log10(math.sqrt(dw / w)) if dw > 0 and w > 0 else None
-            total_dw, total_w = total_dw + dw, total_w + w
-    ratios["all"] = math.log10(math.sqrt(total_dw / total_w)) if total_dw > 0 and total_w > 0 else None
+            if not group["params"]:
+                continue
+            dw = sum(full((p.detach().float() - before[id(p)].float()).pow(2).sum()) for p in group["params"])
+            w = sum(full(before[id(p)].float().pow(2).sum()) for p in group["params"])
+            names.append(group["name"])
+            sums.append(torch.stack([dw, w]))
+    ratios = {name: log10_ratio(dw, w) for name, (dw, w) in zip(names, torch.stack(sums).tolist())}
+    total_dw, total_w = torch.stack(sums).sum(0).tolist()
+    ratios["all"] = log10_ratio(total_dw, total_w)
     return ratios
+
+
+def log10_ratio(dw, w):
+    return math.log10(math.sqrt(dw / w)) if dw > 0 and w > 0 else None
 
 
 def format_log(e):
     """One compact line per log: loss, lr, speed, then the health figures."""
-    ratio = e["update_ratio_log10"]["all"]
+    ratio = e["update_ratio_log10"]["all"] if e["update_ratio_log10"] else None
     line = (f"iter {e['iter']}: loss {e['loss']:.4f}, lr {e['lr']:.2e}, {e['ms_per_iter']:.1f} ms/iter, "
             f"{e['tokens_per_s']:,.0f} tok/s" + (f", mfu {e['mfu'] * 100:.1f}%" if e["mfu"] else "")
             + f" | grad norm {e['grad_norm']:.3f}" + (" (clipped)" if e["clipped"] else "")
@@ -647,13 +803,44 @@ def load_pretrained(name_or_path, overrides):
                          "save_pretrained works offline") from e
 
 
+# measured peaks, one per machine, device, dtype, thread count and PyTorch version; delete it to measure again
+PEAK_FLOPS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                "glassgpt", "peak_flops.json")
+
+
 def peak_flops(dev, ptdtype):
-    """The device's peak FLOP/s for MFU: a GPU's data sheet if we know it, else measured here."""
+    """The device's peak FLOP/s, which MFU divides by (train.py and bench.py alike): a GPU's data sheet
+    if we know it, else this machine's matmul peak, measured once and kept in PEAK_FLOPS_CACHE so that
+    every run divides by the same number."""
     if dev.startswith("cuda"):
         published = published_peak_flops(torch.cuda.get_device_name(dev), ptdtype)
         if published:
             return published
-    return measure_matmul_flops(dev, ptdtype)
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else torch.backends.cpu.get_cpu_capability()
+    key = (f"{platform.node()} | {dev.split(':')[0]} {name} | {ptdtype} | {torch.get_num_threads()} threads | "
+           f"torch {torch.__version__}")
+    cache = read_peak_cache()
+    if key not in cache:
+        print(f"measuring this machine's matmul peak for MFU, once ({PEAK_FLOPS_CACHE})")
+        cache = {**read_peak_cache(), key: measure_matmul_flops(dev, ptdtype)}
+        try:
+            os.makedirs(os.path.dirname(PEAK_FLOPS_CACHE), exist_ok=True)
+            tmp = f"{PEAK_FLOPS_CACHE}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(tmp, PEAK_FLOPS_CACHE)
+        except OSError:
+            pass  # no writable cache folder: the next run measures again
+    return cache[key]
+
+
+def read_peak_cache():
+    try:
+        with open(PEAK_FLOPS_CACHE, encoding="utf-8") as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: measure again
+        return {}
 
 
 def rng_state(batch_state):
@@ -684,12 +871,29 @@ def trim_metrics(path, upto):
     """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["iter"] <= upto]
+    lines, torn = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            entry = metrics_entry(line)
+            if entry is None and line.strip():
+                torn.append(str(number))  # e.g. the last line of a run killed while writing it
+            elif entry is not None and entry["iter"] <= upto:
+                lines.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+        print(f"note: dropped line(s) {', '.join(torn)} of {path}: not a complete metrics entry")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def metrics_entry(line):
+    """One metrics.jsonl line as a dict with an 'iter', or None for a line that is not one."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("iter"), int) else None
 
 
 if __name__ == "__main__":

@@ -124,10 +124,26 @@ def test_kv_cache_matches_full_forward(attention):
     assert torch.equal(cached, uncached)
     from model import KVCache
     caches = [KVCache(32) for _ in range(2)]
-    model(cached[:, :20], caches=caches)
-    step, _ = model(cached[:, 20:21], caches=caches)
+    model(cached[:, :20], caches=caches, pos=torch.arange(20))
+    step, _ = model(cached[:, 20:21], caches=caches, pos=torch.tensor([20]))
     full, _ = model(cached[:, :21])
     assert (step - full).abs().max().item() < 1e-5
+    # the cache buffers have their full size from the first write: every step has the same shapes
+    assert caches[0].k.shape == (2, 4, 32, 64 // 4)  # (B, nh, block_size, hs)
+
+
+def test_decode_step_logits_equal_the_uncached_forward_at_every_position():
+    from model import DecodeStep, KVCache
+    model = tiny_model().eval()
+    tokens = torch.randint(0, 65, (3, 32))
+    caches = [KVCache(32) for _ in range(2)]
+    with torch.no_grad():
+        model(tokens[:, :5], caches=caches, pos=torch.arange(5))
+        step = DecodeStep(model, caches, batch_size=3)
+        for p in range(5, 32):
+            logits = step(tokens[:, p:p + 1], p)
+            full, _ = model(tokens[:, :p + 1])
+            assert (logits - full).abs().max().item() < 1e-5, p
 
 
 def test_kv_cache_past_block_size_reprefills_last_half_window():

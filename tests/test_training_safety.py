@@ -187,7 +187,8 @@ def test_health_figures_match_an_independent_computation(char_data, tmp_path):
     from train import get_lr
     out = tmp_path / "out"
     run_script("train.py", *train_args(char_data, out, "--max_iters=6", "--eval_interval=5",
-                                       "--always_save_checkpoint=True", "--grad_clip=0.5", "--keep_last_n=5"), check=True)
+                                       "--always_save_checkpoint=True", "--grad_clip=0.5", "--keep_last_n=5",
+                                       "--monitor_interval=1"), check=True)
     tensors, meta = load_checkpoint(out / "ckpt_0000005.pt")
     assert meta["iter_num"] == 5
     model = GPT(GPTConfig(**meta["model_args"]))
