@@ -11,6 +11,7 @@ hits both alike, each figure the median of several repeats.
     python bench.py --json                             # also one JSON object per measurement on stdout
 """
 
+import copy
 import json
 import os
 import platform
@@ -27,13 +28,16 @@ import torch
 
 import configurator
 from configurator import ArgumentParser, UsageError, run_cli
-from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
-from train import fast_path, pick_device, update_ratios
+from model import GPT, GPTConfig
+from train import DEFAULTS, fast_path, peak_flops, pick_device, step_unless_bad, update_ratios
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # (name, n_layer, n_head, n_embd, block_size, batch_size): the CPU recipe and the GPU recipe's model
 DEFAULT_SHAPES = [("4x128x64", 4, 4, 128, 64, 12), ("6x384x256", 6, 6, 384, 256, 12)]
 VOCAB = 65
+# GPT-2 (124M): 12 x 12 x 768, block 1024, batch 12, its 50257-token vocabulary padded to 50304
+MONITOR_INTERVAL = DEFAULTS["monitor_interval"]
+GPT2_SHAPE, GPT2_VOCAB = ("gpt2-124M", 12, 12, 768, 1024, 12), 50304
 
 
 def reference_path(device_type):
@@ -53,13 +57,15 @@ def sync(device):
 class Trainer:
     """One model + optimizer set up the way a path says, able to run timed training steps."""
 
-    def __init__(self, shape, path, device, monitor=False):
+    def __init__(self, shape, path, device, monitor=False, vocab=VOCAB):
         name, n_layer, n_head, n_embd, block_size, batch_size = shape
         torch.manual_seed(0)
         self.device, self.path, self.batch_size, self.block_size = device, path, batch_size, block_size
-        self.monitor = monitor  # train.py's health monitor: a finite check per step, update ratios every 10
+        # train.py's health monitor: the NaN guard decided on the device every step, update ratios every
+        # MONITOR_INTERVAL steps (train.py's default monitor_interval)
+        self.monitor = monitor
         self.model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                   vocab_size=VOCAB)).to(device)
+                                   vocab_size=vocab)).to(device)
         device_type = "cuda" if device.startswith("cuda") else device
         groups = [{"params": list(self.model.parameters()), "name": "all"}]
         self.optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=path["fused_adamw"],
@@ -68,25 +74,27 @@ class Trainer:
         dtype = getattr(torch, path["dtype"])
         self.autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-        tokens = torch.randint(0, VOCAB, (batch_size * 64, block_size + 1), device=device)
+        tokens = torch.randint(0, vocab, (batch_size * 64, block_size + 1), device=device)
         self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # 64 batches, reused
 
     def step(self, i):
         rows = slice((i % 64) * self.batch_size, (i % 64 + 1) * self.batch_size)
         params = list(self.model.parameters())
-        log_step = self.monitor and i % 10 == 0
-        before = [p.detach().clone() for p in params] if log_step else None
+        monitor_step = self.monitor and i % MONITOR_INTERVAL == 0
+        before = [p.detach().clone() for p in params] if monitor_step else None
         with self.autocast:
             _, loss = self.forward(self.x[rows], self.y[rows])
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if self.monitor:
-            bool(torch.isfinite(norm) & torch.isfinite(loss.detach()))
-        self.scaler.step(self.optimizer)
-        if log_step:
+            bad = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
+            step_unless_bad([self.optimizer], self.scaler, bad, on_device=self.path["fused_adamw"])
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if monitor_step:
             update_ratios([self.optimizer], params, before)
-        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.path["sync_every_step"]:
             loss.item()
@@ -118,29 +126,26 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, in MB
 
 
-def bench_training(shape, device, repeats, peaks):
+def bench_training(shape, device, repeats, vocab=VOCAB):
     device_type = "cuda" if device.startswith("cuda") else device
     n_embd = shape[3]
     fast, ref = fast_path(device_type, n_embd), reference_path(device_type)
-    trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device),
-                "reference": Trainer(shape, ref, device)}
+    trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device, vocab=vocab),
+                "reference": Trainer(shape, ref, device, vocab=vocab)}
     tokens_per_step = shape[5] * shape[4]
     steps = max(3, int(3e6 / (trainers["fast"].model.flops_per_token() * tokens_per_step / 1e6)))  # ~3 GFLOP-s
-    steps = min(steps, 40)
+    steps = 20 if device_type == "cuda" else min(steps, 40)  # a GPU step is milliseconds: time a stretch
     for trainer in trainers.values():  # warm up: compile, allocator, caches
         trainer.timed(3)
     t_fast, t_ref = interleaved(lambda: trainers["fast"].timed(steps), lambda: trainers["reference"].timed(steps),
                                 repeats)
-    flops = trainers["fast"].model.flops_per_token()
     row = {"metric": "train_tokens_per_s", "shape": shape[0], "fast": tokens_per_step / t_fast,
            "reference": tokens_per_step / t_ref, "ratio": t_ref / t_fast, "peak_memory_mb": peak_memory_mb(device),
            "fast_settings": fast, "reference_settings": ref}
     for path, seconds in (("fast", t_fast), ("reference", t_ref)):
-        dtype = trainers[path].path["dtype"]
+        peak = peak_flops(device, getattr(torch, trainers[path].path["dtype"]))  # train.py's MFU, the same peak
         row[f"{path}_ms_per_iter"] = seconds * 1000
-        row[f"{path}_mfu_measured_peak"] = flops * tokens_per_step / seconds / peaks[dtype]["measured"]
-        if peaks[dtype]["published"]:
-            row[f"{path}_mfu_published_peak"] = flops * tokens_per_step / seconds / peaks[dtype]["published"]
+        row[f"{path}_mfu"] = trainers[path].model.estimate_mfu(tokens_per_step / seconds, peak)
     return [row]
 
 
@@ -152,9 +157,11 @@ def bench_monitor(shape, device, repeats):
     for trainer in (plain, watched):
         trainer.timed(3)
     # the difference is small against the noise, so three times the repeats
-    t_plain, t_watched = interleaved(lambda: plain.timed(40), lambda: watched.timed(40), 3 * repeats)
+    steps = MONITOR_INTERVAL  # each timed stretch holds exactly one update-ratio measurement
+    t_plain, t_watched = interleaved(lambda: plain.timed(steps), lambda: watched.timed(steps), 3 * repeats)
     return [{"metric": "monitor_overhead", "shape": shape[0], "fast": t_plain * 1000, "reference": t_watched * 1000,
-             "ratio": t_plain / t_watched, "note": "ms/iter without and with the monitor (log every 10 steps)"}]
+             "ratio": t_plain / t_watched,
+             "note": f"ms/iter without and with the monitor (update ratios every {MONITOR_INTERVAL} steps)"}]
 
 
 def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
@@ -181,6 +188,36 @@ def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
     return results
 
 
+def bench_decode(device, repeats, new_tokens=200):
+    """Milliseconds per new token with the KV cache, as generate.py samples: batch 1 and 8, float32
+    against the device's default dtype, for the GPU recipe's model and for GPT-2 (124M)."""
+    device_type = "cuda" if device.startswith("cuda") else device
+    rows = []
+    for shape, vocab in ((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB)):
+        name, n_layer, n_head, n_embd, block_size, _ = shape
+        default = fast_path(device_type, n_embd)["dtype"]
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                              vocab_size=vocab)).to(device).eval()
+        models = {"float32": model, default: copy.deepcopy(model).to(getattr(torch, default))}
+        for batch in (1, 8):
+            idx = torch.randint(0, vocab, (batch, 8), device=device)
+
+            def ms_per_token(dtype):
+                sync(device)
+                t0 = time.perf_counter()
+                for token in models[dtype].generate_stream(idx, new_tokens, temperature=0.8, top_k=200):
+                    token.tolist()  # generate.py reads each token back to print it
+                return (time.perf_counter() - t0) / new_tokens * 1000
+            ms_per_token(default)  # warm up: kernel choices, allocator
+            ms_default, ms_float32 = interleaved(lambda: ms_per_token(default), lambda: ms_per_token("float32"),
+                                                 repeats)
+            rows.append({"metric": "decode_ms_per_token", "shape": f"{name} batch {batch}", "fast": ms_default,
+                         "reference": ms_float32, "ratio": ms_float32 / ms_default, "fast_dtype": default,
+                         "reference_dtype": "float32", "new_tokens": new_tokens})
+    return rows
+
+
 def bench_eval(device, repeats, eval_iters=200):
     """One eval pass (eval_iters batches of the CPU recipe's shape, train and val) in inference mode
     against the reference's no_grad."""
@@ -201,20 +238,6 @@ def bench_eval(device, repeats, eval_iters=200):
         return time.perf_counter() - t0
     fast, ref = interleaved(lambda: run(torch.inference_mode), lambda: run(torch.no_grad), repeats)
     return [{"metric": "eval_pass_seconds", "shape": "4x128x64", "fast": fast, "reference": ref, "ratio": ref / fast}]
-
-
-def measured_peaks(device):
-    """Matmul FLOP/s this device reaches, fp32 and bf16 (and fp16 on CUDA), plus data-sheet peaks."""
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
-    peaks = {}
-    for dtype in ("float32", "bfloat16", "float16"):
-        if dtype == "float16" and not device.startswith("cuda"):
-            continue
-        t = getattr(torch, dtype)
-        n = 4096 if device.startswith("cuda") else 1024
-        peaks[dtype] = {"measured": max(measure_matmul_flops(device, t, n=n) for _ in range(3)),
-                        "published": published_peak_flops(name, t) if device.startswith("cuda") else None}
-    return name, peaks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,15 +378,16 @@ def main():
     elif args.recipe:
         rows = bench_recipe(args.data_dir, args.keep_runs)
     else:
-        name, peaks = measured_peaks(device)
-        info["device_name"] = name
-        info["matmul_peak_gflops"] = {k: round(v["measured"] / 1e9) for k, v in peaks.items()}
+        info["device_name"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                               else platform.processor() or "cpu")
         shapes = DEFAULT_SHAPES
         if args.config:
             c = configurator.load_config(configurator.train_defaults(), [args.config])
             shapes = [(os.path.basename(args.config), c["n_layer"], c["n_head"], c["n_embd"], c["block_size"],
                        c["batch_size"])]
-        rows = [row for shape in shapes for row in bench_training(shape, device, args.repeats, peaks)]
+        rows = [row for shape in shapes for row in bench_training(shape, device, args.repeats)]
+        dtypes = {r[f"{path}_settings"]["dtype"] for r in rows for path in ("fast", "reference")}
+        info["mfu_peak_gflops"] = {d: round(peak_flops(device, getattr(torch, d)) / 1e9) for d in sorted(dtypes)}
         rows += bench_monitor(shapes[0], device, args.repeats)
         rows += bench_generation(device, max(1, args.repeats // 2), args.new_tokens)
         rows += bench_eval(device, args.repeats)

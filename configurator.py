@@ -90,6 +90,9 @@ def load_config(defaults, argv):
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
+            if os.path.isdir(arg):
+                raise UsageError(f"'{arg}' is a folder, not a config file; name one file in it, such as "
+                                 "config/shakespeare_char_cpu.py")
             if not os.path.isfile(arg):
                 raise UsageError(f"config file '{arg}' not found (see config/ for the shipped ones)")
             with open(arg, encoding="utf-8") as f:

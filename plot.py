@@ -25,14 +25,19 @@ def read_metrics(out_dir):
         raise UsageError(f"{path} not found; train first (python train.py ... --out_dir={out_dir})")
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
-    entries = []
+    entries, skipped = [], []
     for number, line in enumerate(lines, start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            if number == len(lines):
-                break  # a line still being written by a running train.py
-            raise UsageError(f"{path}:{number} is not valid JSON; was the file edited by hand?")
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
+            entries.append(entry)
+        elif number < len(lines):  # (the last line may still be being written by a running train.py)
+            skipped.append(str(number))
+    if skipped:
+        print(f"warning: skipped line(s) {', '.join(skipped)} of {path}: not a metrics entry "
+              "(the file is left as it is)")
     train = [e for e in entries if e.get("type") == "train"]
     evals = [e for e in entries if e.get("type") == "eval"]
     if not train and not evals:

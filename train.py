@@ -245,8 +245,6 @@ def run():
     if master and not inspect:  # torchrun's processes are one run: its first process speaks for all
         lock_run_folder(out_dir)
         remove_leftovers(out_dir)
-        if init_from != "resume" and not eval_only:
-            set_aside_earlier_run(out_dir, replace_earlier_run)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -355,9 +353,12 @@ def run():
         return tensors, ckpt_meta
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if master and not (eval_only or inspect):
+        if resumed:
+            trim_metrics(metrics_path, iter_num)  # a resumed run continues its record
+        else:
+            set_aside_earlier_run(out_dir, replace_earlier_run)  # only now, when every check above has passed
     if master:
-        if resumed and not (eval_only or inspect):  # a resumed run continues its record (a new one starts afresh)
-            trim_metrics(metrics_path, iter_num)
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {dev} | {dtype_name} | "
               f"{tokens_per_iter:,} tokens per iteration")
     peak = peak_flops(dev, ptdtype) if master else None
@@ -599,7 +600,7 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches):
     step_s, batch_s = (t1 - t0) * accum_steps, t2 - t1
     total = steps * step_s + evals * eval_batches * batch_s
     line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
-            f"evaluation(s) of up to {eval_batches} batches will take about {duration(total)}")
+            f"evaluation{'s' * (evals != 1)} of up to {eval_batches} batches will take about {duration(total)}")
     if total > GPU_SIZED_SECONDS:
         line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
                  "a smaller model in minutes")

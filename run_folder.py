@@ -1,0 +1,126 @@
+"""
+The run folder (out_dir) of train.py: one run at a time in it, and nothing of an earlier run lost.
+
+- lock_run_folder: a second train.py that starts in a folder in use stops with one line naming the
+  first; the lock of a run that was killed is taken over.
+- remove_leftovers: the half-written `<file>.tmp<pid>` that a killed run's atomic write left behind
+  is deleted; nothing else is touched.
+- set_aside_earlier_run: a new run first moves the files of the earlier run in the folder to
+  out_dir/earlier-runs/<time of its last write>/ (or deletes them, when asked to replace it).
+"""
+
+import atexit
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+
+import psutil
+from filelock import lock_descriptor
+
+from configurator import UsageError
+
+LOCK_FILE = "train.lock"
+EARLIER_RUNS = "earlier-runs"
+# what a run writes into out_dir (train.py, and plot.py's default picture of it)
+RUN_FILE = re.compile(r"ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png|tensorboard")
+# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, train.py: trim_metrics)
+LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl)\.tmp(\d+)")
+
+
+def make_run_folder(out_dir):
+    """Create out_dir (and its parents) unless it exists; a file in its place is one clear error."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"out_dir '{out_dir}' is a file, not a folder; choose another out_dir "
+                         "(the file is left as it is)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create out_dir '{out_dir}' ({e.strerror}); choose a writable folder")
+
+
+def lock_run_folder(out_dir):
+    """Hold out_dir/train.lock until this process exits, or raise a UsageError naming its holder.
+
+    The lock is the operating system's (flock on POSIX), so it dies with its process: a lock file
+    whose writer was killed is free to take, whatever it still says."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not lock_descriptor(fd, blocking=False):
+            holder = read_holder(fd) or "a process that is just starting"
+            os.close(fd)
+            raise UsageError(f"{out_dir} is in use by another training run ({holder}); wait for it to finish, "
+                             "stop it, or choose another out_dir")
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)  # its holder deleted the file between our open and our lock: open the new one
+    stale = read_holder(fd)
+    if stale:
+        print(f"note: took over {path} from a run that is no longer running ({stale.split(': python')[0]})")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"python {os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".encode("utf-8"))
+    atexit.register(release_lock, fd, path)
+
+
+def read_holder(fd):
+    """What the lock file says about the run that holds (or held) it; '' when empty or unreadable."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 1000).decode("utf-8", "replace").strip()
+    except OSError:  # Windows forbids reading a locked byte range
+        return "another process"
+
+
+def release_lock(fd, path):
+    os.remove(path)  # while still holding the lock, so nobody can take a lock on a file about to vanish
+    os.close(fd)
+
+
+def remove_leftovers(out_dir):
+    """Delete the temp files of atomic writes whose writing process is gone (killed mid-write)."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)):
+        match = LEFTOVER.fullmatch(name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    if removed:
+        print(f"removed {len(removed)} half-written file(s) of a killed run from {out_dir}: {', '.join(removed)}")
+
+
+def set_aside_earlier_run(out_dir, replace):
+    """Before a new run writes into out_dir: move the earlier run's files to a folder of their own,
+    or, with replace=True, delete them."""
+    names = [name for name in sorted(os.listdir(out_dir)) if RUN_FILE.fullmatch(name)]
+    if not names:
+        return
+    paths = [os.path.join(out_dir, name) for name in names]
+    if replace:
+        for path in paths:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        print(f"replace_earlier_run=True: deleted the earlier run's {', '.join(names)} from {out_dir}")
+        return
+    folder = new_folder(os.path.join(out_dir, EARLIER_RUNS), max(os.path.getmtime(p) for p in paths))
+    for name, path in zip(names, paths):
+        os.replace(path, os.path.join(folder, name))  # same file system: a rename, nothing is copied
+    print(f"the earlier run in {out_dir} was moved to {folder} (--replace_earlier_run=True replaces it instead)")
+
+
+def new_folder(parent, timestamp):
+    """parent/<YYYY-MM-DD_HH-MM-SS of timestamp>, with -2, -3, ... when that exists already."""
+    stem = os.path.join(parent, time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(timestamp)))
+    folder, n = stem, 1
+    while True:
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = f"{stem}-{n}"
