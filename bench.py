@@ -188,12 +188,12 @@ def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
     return results
 
 
-def bench_decode(device, repeats, new_tokens=200):
+def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB))):
     """Milliseconds per new token with the KV cache, as generate.py samples: batch 1 and 8, float32
     against the device's default dtype, for the GPU recipe's model and for GPT-2 (124M)."""
     device_type = "cuda" if device.startswith("cuda") else device
     rows = []
-    for shape, vocab in ((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB)):
+    for shape, vocab in shapes:
         name, n_layer, n_head, n_embd, block_size, _ = shape
         default = fast_path(device_type, n_embd)["dtype"]
         torch.manual_seed(0)
@@ -364,6 +364,8 @@ def main():
     p.add_argument("--data", action="store_true", help="only: dataset preparation speed on a generated text")
     p.add_argument("--data_mb", type=int, default=200)
     p.add_argument("--recipe", action="store_true", help="only: time to val 1.88, ours vs nanoGPT's recipe")
+    p.add_argument("--decode", action="store_true", help="only: decoding ms/token, default dtype vs float32")
+    p.add_argument("--gpt2", action="store_true", help="only: training at the GPT-2 (124M) shape")
     p.add_argument("--data_dir", default="data", help="for --recipe: where shakespeare_char is (or is made)")
     p.add_argument("--keep_runs", help="for --recipe: keep the two runs in this folder (fast/, reference/)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
@@ -373,13 +375,18 @@ def main():
     device = pick_device(args.device)
     torch.set_num_threads(torch.get_num_threads())
     info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info["device_name"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                           else platform.processor() or "cpu")
+    on_gpu = device.startswith("cuda")
     if args.data:
         rows = bench_data(args.data_mb)
     elif args.recipe:
         rows = bench_recipe(args.data_dir, args.keep_runs)
+    elif args.decode:
+        rows = bench_decode(device, args.repeats)
+    elif args.gpt2:
+        rows = bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB)
     else:
-        info["device_name"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                               else platform.processor() or "cpu")
         shapes = DEFAULT_SHAPES
         if args.config:
             c = configurator.load_config(configurator.train_defaults(), [args.config])
@@ -391,6 +398,9 @@ def main():
         rows += bench_monitor(shapes[0], device, args.repeats)
         rows += bench_generation(device, max(1, args.repeats // 2), args.new_tokens)
         rows += bench_eval(device, args.repeats)
+        if on_gpu and not args.config:  # at GPT-2 size a CPU takes minutes; there, ask with --gpt2 / --decode
+            rows += bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB)
+            rows += bench_decode(device, args.repeats)
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
     print_table(rows)
     if args.json:

@@ -34,6 +34,14 @@ def test_generation_and_eval_rows_compare_cache_and_modes():
     assert row["metric"] == "eval_pass_seconds" and row["ratio"] > 0
 
 
+def test_decode_rows_compare_the_default_dtype_with_float32_per_batch_size():
+    rows = bench.bench_decode("cpu", repeats=1, new_tokens=4, shapes=((WIDE_SHAPE, 65),))
+    assert [r["shape"] for r in rows] == ["wide batch 1", "wide batch 8"]
+    assert all(r["metric"] == "decode_ms_per_token" and r["fast"] > 0 and r["reference"] > 0 for r in rows)
+    assert {r["fast_dtype"] for r in rows} == {fast_path("cpu", WIDE_SHAPE[3])["dtype"]}
+    assert rows[0]["ratio"] == pytest.approx(rows[0]["reference"] / rows[0]["fast"])
+
+
 def test_fast_and_reference_paths_agree_in_loss():
     fast = {**fast_path("cpu", WIDE_SHAPE[3]), "fused_adamw": True, "sync_every_step": False}
     trainers = [bench.Trainer(WIDE_SHAPE, fast, "cpu"), bench.Trainer(WIDE_SHAPE, bench.reference_path("cpu"), "cpu")]
