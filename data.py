@@ -19,6 +19,8 @@ import json
 import os
 import re
 import sys
+import time
+import typing
 import urllib.request
 
 import numpy as np
@@ -62,6 +64,21 @@ def gpt2_files():
     return files["vocab.bpe"], files["encoder.json"]
 
 
+def gpt2_ranks(encoder_json):
+    """{token bytes: rank} from encoder.json alone. With both files hash-checked, its ids are the merge
+    ranks; tiktoken's data_gym_to_mergeable_bpe_ranks reads vocab.bpe too, only to check that, and
+    takes several times longer (a start-up cost of every GPT-2 run)."""
+    # encoder.json spells each byte as a printable character: printable Latin-1 bytes as themselves,
+    # the others as chr(256 + n) in byte order
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    to_byte = {b: b for b in printable}
+    to_byte.update({256 + n: b for n, b in enumerate(b for b in range(256) if b not in printable)})
+    with open(encoder_json, encoding="utf-8") as f:
+        encoder = json.load(f)
+    return {token.translate(to_byte).encode("latin-1"): rank for token, rank in encoder.items()
+            if token != "<|endoftext|>"}
+
+
 _gpt2_encoding = None
 
 
@@ -70,10 +87,9 @@ def gpt2_encoding():
     global _gpt2_encoding
     if _gpt2_encoding is None:
         import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
-        vocab_bpe, encoder_json = gpt2_files()
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
+        _, encoder_json = gpt2_files()
+        ranks = gpt2_ranks(encoder_json)
         _gpt2_encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                            special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
     return _gpt2_encoding
@@ -309,7 +325,6 @@ def exit_with_parent(parent_pid):
     """Worker start-up: leave once the parent is gone. A parent killed with -9 cannot stop its
     workers, and they would wait for work forever."""
     import threading
-    import time
 
     def watch():
         while os.getppid() == parent_pid:
@@ -401,6 +416,7 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
 
 VAL_EVERY = round(1 / (1 - TRAIN_FRACTION))  # every 10th document goes to val.bin, the others to train.bin
 PROGRESS_FILE = "progress.tmp.json"  # there while a corpus is being prepared: what is safely on disk
+RECORD_SECONDS = 10  # how often that record is brought up to date (a restart redoes at most this much)
 
 
 def check_uint16(vocab_size, what):
@@ -410,30 +426,33 @@ def check_uint16(vocab_size, what):
                          "use GPT-2's BPE (50,257 ids)")
 
 
-def corpus_files(folder):
-    """The .txt and .jsonl files under folder, sub-folders included, in a fixed (sorted) order."""
-    if not os.path.isdir(folder):
-        raise UsageError(f"folder '{folder}' not found; give a folder of .txt and .jsonl files")
-    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                   if name.endswith((".txt", ".jsonl")))
-    if not paths:
-        raise UsageError(f"{folder} has no .txt or .jsonl files; put the documents there")
-    return paths
+class TextPiece(typing.NamedTuple):
+    """Text of one document, or the next part of a long one (starts_document=False)."""
+    starts_document: bool
+    text: str
+
+    def pieces(self):
+        return [self]
 
 
-def folder_pieces(paths, text_field):
-    """(starts_document, text) pieces. A .txt file is one document, read CHUNK_BYTES at a time and cut
-    at whitespace; every non-blank line of a .jsonl file is one document, its `text_field` string."""
-    for path in paths:
-        if path.endswith(".txt"):
-            for i, text in enumerate(cut_at_words(read_text_chunks(path))):
-                yield i == 0, text
-        else:
-            with open(path, "rb") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield True, document_text(parse_json_line(line, f"{path}:{number}"), text_field,
-                                                  f"{path}:{number}")
+class JsonLines(typing.NamedTuple):
+    """Whole lines of a .jsonl file, undecoded: the worker processes parse them, not the reader."""
+    path: str
+    first_line: int
+    raw: bytes
+    text_field: str
+
+    def pieces(self):
+        try:
+            text = self.raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{self.path}: not UTF-8 text ({e.reason} in the lines from {self.first_line} on)")
+        found = []
+        for number, line in enumerate(text.split("\n"), self.first_line):
+            if line.strip():
+                where = f"{self.path}:{number}"
+                found.append(TextPiece(True, document_text(parse_json_line(line, where), self.text_field, where)))
+        return found
 
 
 def parse_json_line(line, where):
@@ -451,6 +470,41 @@ def document_text(record, text_field, where):
     return text
 
 
+def corpus_files(folder):
+    """The .txt and .jsonl files under folder, sub-folders included, in a fixed (sorted) order."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"folder '{folder}' not found; give a folder of .txt and .jsonl files")
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.endswith((".txt", ".jsonl")))
+    if not paths:
+        raise UsageError(f"{folder} has no .txt or .jsonl files; put the documents there")
+    return paths
+
+
+def folder_items(paths, text_field):
+    """The folder as a stream of work items. A .txt file is one document, read CHUNK_BYTES at a time
+    and cut at whitespace; a .jsonl file goes in blocks of whole lines, each non-blank line a document."""
+    for path in paths:
+        if path.endswith(".txt"):
+            for i, text in enumerate(cut_at_words(read_text_chunks(path))):
+                yield TextPiece(i == 0, text)
+        else:
+            yield from jsonl_blocks(path, text_field)
+
+
+def jsonl_blocks(path, text_field):
+    """About CHUNK_BYTES of a .jsonl file at a time, cut after its last newline."""
+    carry, line = b"", 1
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            head, newline, carry = (carry + block).rpartition(b"\n")  # no newline: a long line, read on
+            if newline:
+                yield JsonLines(path, line, head, text_field)
+                line += head.count(b"\n") + 1
+    if carry.strip():
+        yield JsonLines(path, line, carry, text_field)
+
+
 def hf_rows(name, config, split):
     """The rows of a Hugging Face dataset, streamed: shards are fetched as they are read."""
     try:
@@ -464,10 +518,29 @@ def hf_rows(name, config, split):
                          "check the name, --hf_config, --hf_split and the network")
 
 
-def row_pieces(rows, text_field, name):
-    """(starts_document, text) pieces: every row is one document."""
+def hf_items(rows, text_field, name):
+    """Every row is one document."""
     for number, row in enumerate(rows, 1):
-        yield True, document_text(row, text_field, f"{name} row {number}")
+        yield TextPiece(True, document_text(row, text_field, f"{name} row {number}"))
+
+
+def corpus_jobs(items, done):
+    """Work for the encoding processes: (items reached, [item, ...]) with about CHUNK_BYTES of text
+    each, after the `done` items already written."""
+    job, size, count = [], 0, 0
+    for count, item in enumerate(items, 1):
+        if count <= done:
+            continue  # written before the interruption
+        job.append(item)
+        size += len(item.text if isinstance(item, TextPiece) else item.raw)
+        if size >= CHUNK_BYTES:
+            yield count, job
+            job, size = [], 0
+    if job:
+        yield count, job
+    if count < done:
+        raise UsageError(f"the input has {count:,} parts, fewer than the {done:,} already written: it changed "
+                         f"since the preparation was interrupted; delete {PROGRESS_FILE} to start over")
 
 
 def encode_text(text):
@@ -478,48 +551,21 @@ def encode_text(text):
         return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
-def corpus_jobs(pieces, done):
-    """Work for the encoding processes: ((pieces, documents) reached, [(to_val, end_of_text_first,
-    text), ...]) with about CHUNK_BYTES of text each, after the `done` pieces already written.
-
-    Document d goes to val.bin when d % VAL_EVERY == VAL_EVERY - 1; an end-of-text token goes before
-    every document but the first of its split, so each split is its documents joined by end-of-text."""
-    job, size, count, document = [], 0, 0, -1
-    for count, (starts_document, text) in enumerate(pieces, 1):
-        document += starts_document
-        if count <= done:
-            continue  # written before the interruption
-        to_val = document % VAL_EVERY == VAL_EVERY - 1
-        first_of_split = document == (VAL_EVERY - 1 if to_val else 0)
-        job.append((to_val, starts_document and not first_of_split, text))
-        size += len(text)
-        if size >= CHUNK_BYTES:
-            yield (count, document + 1), job
-            job, size = [], 0
-    if job:
-        yield (count, document + 1), job
-    if count < done:
-        raise UsageError(f"the input has {count:,} pieces, fewer than the {done:,} already written: it changed "
-                         f"since the preparation was interrupted; delete {PROGRESS_FILE} to start over")
-
-
 def encode_job(job):
-    """(reached, train ids, val ids) of one job (run in a worker process)."""
+    """(items reached, ids, length of each piece's ids, whether each piece starts a document) of one
+    job (run in a worker process)."""
     reached, items = job
-    empty, eot = np.zeros(0, dtype=np.uint16), np.array([gpt2_encoding().eot_token], dtype=np.uint16)
-    parts = {False: [empty], True: [empty]}
-    for to_val, end_of_text_first, text in items:
-        if end_of_text_first:
-            parts[to_val].append(eot)
-        parts[to_val].append(encode_text(text))
-    return reached, np.concatenate(parts[False]), np.concatenate(parts[True])
+    pieces = [piece for item in items for piece in item.pieces()]
+    ids = [encode_text(piece.text) for piece in pieces]
+    return (reached, np.concatenate([np.zeros(0, dtype=np.uint16), *ids]), np.array([len(i) for i in ids]),
+            [piece.starts_document for piece in pieces])
 
 
 def resume_state(out_dir, source):
     """The progress record of an interrupted preparation of this same input, or a fresh one."""
     path = os.path.join(out_dir, PROGRESS_FILE)
     if not os.path.exists(path):
-        return {"input": source, "pieces": 0, "documents": 0, "train_tokens": 0, "val_tokens": 0}
+        return {"input": source, "items": 0, "documents": 0, "train_tokens": 0, "val_tokens": 0}
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
@@ -550,35 +596,56 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepare_corpus(pieces, out_dir, source, workers=None):
-    """Tokenize a stream of (starts_document, text) pieces into out_dir/{train.bin, val.bin, meta.json}.
+def prepare_corpus(items, out_dir, source, workers=None):
+    """Tokenize a stream of work items (TextPiece, JsonLines) into out_dir/{train.bin, val.bin, meta.json}.
 
-    Ids are appended as they come, with a progress record after each job: a preparation stopped at
-    any point (even by kill -9) and run again with the same `source` ends with the same files."""
+    Document d goes to val.bin when d % VAL_EVERY == VAL_EVERY - 1, the others to train.bin, and each
+    file is its documents' ids joined by GPT-2's end-of-text token. Ids are appended as they come; a
+    progress record says how much of them is safely on disk, so a preparation stopped at any point
+    (even by kill -9) and run again with the same `source` ends with the same files."""
     from tqdm import tqdm
     check_uint16(GPT2Tokenizer.vocab_size, "GPT-2's BPE")
-    gpt2_encoding()  # built (and its files checked) once here; the forked workers inherit it
-    source = {**source, "chunk_bytes": CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the pieces
+    eot = np.array([gpt2_encoding().eot_token], dtype=np.uint16)  # built once here; forked workers inherit it
+    first_document = {"train": 0, "val": VAL_EVERY - 1}
+    source = {**source, "chunk_bytes": CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
     os.makedirs(out_dir, exist_ok=True)
     state = resume_state(out_dir, source)
     progress_path, meta_path = os.path.join(out_dir, PROGRESS_FILE), os.path.join(out_dir, "meta.json")
     write_atomically(progress_path, json.dumps(state).encode("utf-8"))  # the folder now says it is in the making
-    if state["pieces"] == 0 and os.path.exists(meta_path):
+    if state["items"] == 0 and os.path.exists(meta_path):
         os.remove(meta_path)  # until the new bins are complete, the folder is not a usable dataset
     files = {split: open_at(os.path.join(out_dir, f"{split}.bin"), 2 * state[f"{split}_tokens"])
              for split in ("train", "val")}
+
+    def record():
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the record says so
+        write_atomically(progress_path, json.dumps(state).encode("utf-8"))
+
+    document, last_record = state["documents"] - 1, time.monotonic()  # the last document started
     with tqdm(unit="tok", unit_scale=True, initial=state["train_tokens"] + state["val_tokens"],
               desc="tokenizing", disable=None) as bar:
-        for reached, train_ids, val_ids in in_order(encode_job, corpus_jobs(pieces, state["pieces"]),
-                                                    workers or usable_cores()):
-            for split, ids in (("train", train_ids), ("val", val_ids)):
-                files[split].write(ids.tobytes())
-                files[split].flush()
-                os.fsync(files[split].fileno())  # on disk before the record says so
-                state[f"{split}_tokens"] += len(ids)
-            state["pieces"], state["documents"] = reached
-            write_atomically(progress_path, json.dumps(state).encode("utf-8"))
-            bar.update(len(train_ids) + len(val_ids))
+        for reached, ids, lengths, starts in in_order(encode_job, corpus_jobs(items, state["items"]),
+                                                      workers or usable_cores()):
+            out, written = {"train": [], "val": []}, 0
+            for piece, starts_document in zip(np.split(ids, np.cumsum(lengths)[:-1]), starts):
+                document += starts_document
+                split = "val" if document % VAL_EVERY == VAL_EVERY - 1 else "train"
+                if starts_document and document != first_document[split]:
+                    out[split].append(eot)
+                out[split].append(piece)
+            for split, parts in out.items():
+                for part in parts:
+                    files[split].write(part.tobytes())
+                state[f"{split}_tokens"] += sum(map(len, parts))
+                written += sum(map(len, parts))
+            state["items"], state["documents"] = reached, document + 1
+            if time.monotonic() - last_record >= RECORD_SECONDS:
+                record()
+                last_record = time.monotonic()
+            bar.update(written)
+    record()
     for f in files.values():
         f.close()
     documents = state["documents"]
@@ -605,13 +672,13 @@ def folder_source(folder, paths, text_field):
 
 def prepare_folder(folder, out_dir, text_field="text", workers=None):
     paths = corpus_files(folder)
-    return prepare_corpus(folder_pieces(paths, text_field), out_dir, folder_source(folder, paths, text_field),
+    return prepare_corpus(folder_items(paths, text_field), out_dir, folder_source(folder, paths, text_field),
                           workers)
 
 
 def prepare_hf(name, out_dir, config=None, split="train", text_field="text", workers=None):
     source = {"hf": name, "config": config, "split": split, "text_field": text_field}
-    return prepare_corpus(row_pieces(hf_rows(name, config, split), text_field, name), out_dir, source, workers)
+    return prepare_corpus(hf_items(hf_rows(name, config, split), text_field, name), out_dir, source, workers)
 
 
 def load_meta(data_dir, name):

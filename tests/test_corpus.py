@@ -30,7 +30,7 @@ def write_folder(root):
     root.mkdir()
     (root / "sub").mkdir()
     big = ODD[0] * 60  # many CHUNK_BYTES-sized pieces once CHUNK_BYTES is small
-    lines = [{"text": text, "id": i} for i, text in enumerate(ODD + VERSES * 3)]
+    lines = [{"text": text, "id": i} for i, text in enumerate(ODD + VERSES * 3 + [ODD[0] * 30])]  # one long line
     (root / "a.txt").write_text(big, encoding="utf-8")
     (root / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
     (root / "notes.md").write_text("not a corpus file", encoding="utf-8")
@@ -51,6 +51,12 @@ def expected_split(documents, split):
 
 def bins(data_dir, name):
     return {split: load_split(str(data_dir), name, split).tolist() for split in ("train", "val")}
+
+
+def test_gpt2_ranks_equal_tiktokens_own_loader():
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    vocab_bpe, encoder_json = data.gpt2_files()
+    assert data.gpt2_ranks(encoder_json) == data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ PREPARE = """
 import os, signal, sys
 import data
 from configurator import run_cli
-data.CHUNK_BYTES = 997
+data.CHUNK_BYTES, data.RECORD_SECONDS = 997, 0
 die, records = {die!r}, []
 write_atomically = data.write_atomically
 def write_and_maybe_die(path, payload):
@@ -104,16 +110,16 @@ def prepare_process(folder, data_dir, die=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("die", ["before", "after"])
-def test_preparation_killed_with_sigkill_resumes_to_the_same_bins(tmp_path, folder, die):
+def test_preparation_killed_with_sigkill_resumes_to_the_same_bins(tmp_path, folder, die, monkeypatch):
     root, _ = folder
-    whole = prepare_process(root, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr
+    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # as in the process
+    prepare_folder(str(root), str(tmp_path / "whole" / "c"))
     killed = prepare_process(root, tmp_path / "resumed", die=die)
     assert killed.returncode == -signal.SIGKILL
     out = tmp_path / "resumed" / "c"
     record = json.loads((out / PROGRESS_FILE).read_text(encoding="utf-8"))
     written = os.path.getsize(out / "train.bin") + os.path.getsize(out / "val.bin")
-    assert record["pieces"] > 0 and not (out / "meta.json").exists()
+    assert record["items"] > 0 and not (out / "meta.json").exists()
     if die == "before":  # ids on disk that the record does not cover: the restart must drop them
         assert written > 2 * (record["train_tokens"] + record["val_tokens"])
     with pytest.raises(UsageError, match="being prepared, or its preparation was interrupted"):
@@ -162,6 +168,7 @@ def test_a_streamed_hugging_face_dataset_takes_the_same_path(tmp_path, monkeypat
 def test_a_broken_stream_resumes_where_it_stopped(tmp_path, monkeypatch):
     documents = ODD + VERSES * 8
     monkeypatch.setattr(data, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(data, "RECORD_SECONDS", 0)  # a record after every job
     with pytest.raises(ConnectionError):
         prepare_from_hub(monkeypatch, FakeHub(documents, fail_after=40), tmp_path)
     record = json.loads((tmp_path / "hf" / PROGRESS_FILE).read_text(encoding="utf-8"))
