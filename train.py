@@ -817,9 +817,7 @@ def peak_flops(dev, ptdtype):
         published = published_peak_flops(torch.cuda.get_device_name(dev), ptdtype)
         if published:
             return published
-    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else torch.backends.cpu.get_cpu_capability()
-    key = (f"{platform.node()} | {dev.split(':')[0]} {name} | {ptdtype} | {torch.get_num_threads()} threads | "
-           f"torch {torch.__version__}")
+    key = peak_cache_key(dev, ptdtype)
     cache = read_peak_cache()
     if key not in cache:
         print(f"measuring this machine's matmul peak for MFU, once ({PEAK_FLOPS_CACHE})")
@@ -833,6 +831,13 @@ def peak_flops(dev, ptdtype):
         except OSError:
             pass  # no writable cache folder: the next run measures again
     return cache[key]
+
+
+def peak_cache_key(dev, ptdtype):
+    """What a measured peak depends on: machine, device, dtype, threads and PyTorch version."""
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else torch.backends.cpu.get_cpu_capability()
+    return (f"{platform.node()} | {dev.split(':')[0]} {name} | {ptdtype} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__}")
 
 
 def read_peak_cache():

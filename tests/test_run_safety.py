@@ -1,0 +1,406 @@
+"""Nothing lost, nothing surprising around a run: an earlier run is kept, one run per out_dir, the
+leftovers of a killed write are cleaned up, Ctrl-C stops even mid-evaluation, unsupported GPT-2
+variants are refused, MFU divides by one cached peak, and the usual slips are one clear line."""
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import plot
+import run_folder
+import train
+from checkpoint import load_checkpoint
+from conftest import CORPUS, ROOT, TINY, run_script
+from configurator import UsageError
+from data import prepare
+from model import GPT, GPTConfig
+
+
+def train_args(data_dir, out, *extra):
+    return [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--lr_decay_iters=40", *extra]
+
+
+def start(*args, code=None):
+    """A real train.py process (optionally run through `code`), stdout and stderr merged, unbuffered."""
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", PYTHONUNBUFFERED="1")
+    prefix = ["-c", code] if code else []
+    return subprocess.Popen([sys.executable, *prefix, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(process, text):
+    """The child's output line by line until a line contains text (no sleeping, no timing)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"'{text}' never appeared:\n{''.join(seen)}")
+
+
+# ---- 1. a new run keeps the earlier one ----------------------------------------------------------
+
+
+def test_earlier_run_files_are_moved_to_a_folder_of_their_own(tmp_path):
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    for name in ("ckpt.pt", "best_model.pt", "ckpt_0000010.pt", "metrics.jsonl", "metrics.png", "notes.txt"):
+        (out / name).write_text(name)
+    run_folder.set_aside_earlier_run(str(out), replace=False)
+    [folder] = (out / run_folder.EARLIER_RUNS).iterdir()
+    assert sorted(os.listdir(folder)) == ["best_model.pt", "ckpt.pt", "ckpt_0000010.pt", "metrics.jsonl",
+                                          "metrics.png", "tensorboard"]
+    assert (folder / "ckpt.pt").read_text() == "ckpt.pt"
+    assert sorted(os.listdir(out)) == [run_folder.EARLIER_RUNS, "notes.txt"]  # the user's own file stays
+    (out / "ckpt.pt").write_text("second")
+    os.utime(out / "ckpt.pt", (os.path.getmtime(folder / "ckpt.pt"),) * 2)  # the same time: a folder all the same
+    run_folder.set_aside_earlier_run(str(out), replace=False)
+    assert sorted(p.name for p in (out / run_folder.EARLIER_RUNS).iterdir()) == [folder.name, folder.name + "-2"]
+
+
+def test_replace_earlier_run_deletes_only_run_files(tmp_path):
+    (tmp_path / "tensorboard").mkdir()
+    for name in ("ckpt.pt", "metrics.jsonl", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    run_folder.set_aside_earlier_run(str(tmp_path), replace=True)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_second_run_keeps_the_first_and_says_where(char_data, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(char_data, out, "--max_iters=10", "--eval_interval=5")
+    run_script("train.py", *args, check=True)
+    first, _ = load_checkpoint(out / "best_model.pt")
+    second = run_script("train.py", *args, "--learning_rate=1e-3", check=True)
+    [folder] = (out / run_folder.EARLIER_RUNS).iterdir()
+    assert f"the earlier run in {out} was moved to {folder}" in second.stdout
+    kept, _ = load_checkpoint(folder / "best_model.pt")
+    assert all(torch.equal(kept["model"][k], v) for k, v in first["model"].items())
+    assert load_checkpoint(out / "best_model.pt")[1]["config"]["learning_rate"] == 1e-3
+    assert sum(json.loads(line)["type"] == "eval" for line in (out / "metrics.jsonl").open()) == 3
+    assert (folder / "metrics.jsonl").read_text() != (out / "metrics.jsonl").read_text()
+    sample = run_script("generate.py", "--ckpt", "best_model.pt", "--max_new_tokens", "5", "--device", "cpu",
+                        cwd=tmp_path, check=True)
+    assert os.path.join("out", "best_model.pt") in sample.stderr  # the newest run, not the moved one
+    replaced = run_script("train.py", *args, "--replace_earlier_run=True", check=True)
+    assert "deleted the earlier run's best_model.pt, ckpt.pt, metrics.jsonl" in replaced.stdout
+    assert len(os.listdir(out / run_folder.EARLIER_RUNS)) == 1
+
+
+# ---- 2. one run per out_dir ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_process_in_a_busy_out_dir_stops_and_a_killed_runs_lock_is_taken_over(char_data, tmp_path):
+    out = tmp_path / "out"
+    first = start(*train_args(char_data, out, "--max_iters=100000", "--eval_interval=1000", "--eval_at_start=False"))
+    try:
+        read_until(first, "iter 5:")
+        second = run_script("train.py", *train_args(char_data, out, "--max_iters=10"))
+        assert second.returncode == 2
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: {out} is in use by another training run (process {first.pid} on ")
+        assert "--max_iters=100000" in line  # its command, to recognise it
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert f"process {first.pid} " in (out / run_folder.LOCK_FILE).read_text()  # a kill -9 leaves it behind
+    third = run_script("train.py", *train_args(char_data, out, "--max_iters=2"), check=True)
+    assert f"took over {out / run_folder.LOCK_FILE} from a run that is no longer running (process {first.pid} " \
+        in third.stdout
+    assert not (out / run_folder.LOCK_FILE).exists()  # released at exit
+
+
+@pytest.mark.slow
+def test_lock_is_refused_while_held_and_free_once_released(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, run_folder; run_folder.lock_run_folder(sys.argv[1]); "
+                               "print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(UsageError, match=f"in use by another training run \\(process {holder.pid} on "):
+            run_folder.lock_run_folder(str(tmp_path))
+    finally:
+        holder.communicate("", timeout=60)  # end of stdin: it exits and releases the lock
+    assert not (tmp_path / run_folder.LOCK_FILE).exists()
+
+
+# ---- 3. leftovers of a kill -9 ---------------------------------------------------------------------
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys, torch
+from checkpoint import save_checkpoint
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies with the temp file written, not renamed
+save_checkpoint(sys.argv[1], {"w": torch.zeros(3)}, {})
+"""
+
+
+def killed_writer(path):
+    """The pid of a real process that was killed while writing a checkpoint to path."""
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(path)], cwd=ROOT)
+    assert writer.wait(timeout=120) == -signal.SIGKILL
+    return writer.pid
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    pid = killed_writer(tmp_path / "ckpt.pt")
+    leftover = f"ckpt.pt.tmp{pid}"
+    assert os.listdir(tmp_path) == [leftover]
+    alive = f"best_model.pt.tmp{os.getpid()}"  # a writer that is still running
+    others = [alive, f"notes.txt.tmp{pid}", "metrics.jsonl.tmpX", "ckpt.pt"]
+    for name in others:
+        (tmp_path / name).write_text("keep me")
+    run_folder.remove_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
+
+
+@pytest.mark.slow
+def test_train_start_removes_a_killed_runs_half_written_checkpoint(char_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = killed_writer(out / "ckpt.pt")
+    result = run_script("train.py", *train_args(char_data, out, "--max_iters=2"), check=True)
+    assert f"removed 1 half-written file(s) of a killed run from {out}: ckpt.pt.tmp{pid}" in result.stdout
+    assert not any(".tmp" in name for name in os.listdir(out))
+
+
+# ---- 4. GPT-2 variants this model does not implement ------------------------------------------------
+
+VARIANTS = {"activation_function": "relu", "n_inner": 100, "scale_attn_weights": False,
+            "scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True, "layer_norm_epsilon": 1e-6,
+            "add_cross_attention": True, "tie_word_embeddings": False}
+
+
+def save_tiny_gpt2(folder, **field):
+    config = GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=None,
+                        eos_token_id=None, **field)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("field, value", VARIANTS.items())
+def test_unsupported_gpt2_variant_is_refused_naming_the_field(tmp_path, field, value):
+    folder = save_tiny_gpt2(tmp_path / "variant", **{field: value})
+    with pytest.raises(UsageError, match=f"GPT-2 variant this model does not implement: {field} is {value!r}"):
+        GPT.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field, value", [("activation_function", "gelu_pytorch_tanh"), ("n_inner", 128)])
+def test_the_same_maths_spelled_otherwise_is_accepted(tmp_path, field, value):
+    folder = save_tiny_gpt2(tmp_path / "same", **{field: value})
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = GPT.from_pretrained(folder).eval()(idx, idx)
+        assert (logits - hf(idx).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_train_init_from_a_variant_is_one_clear_line(char_data, tmp_path):
+    folder = save_tiny_gpt2(tmp_path / "variant", scale_attn_by_inverse_layer_idx=True)
+    result = run_script("train.py", *train_args(char_data, tmp_path / "out", f"--init_from={folder}"))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "scale_attn_by_inverse_layer_idx is True" in line and "Traceback" not in result.stderr
+
+
+# ---- 5. MFU: one peak per machine --------------------------------------------------------------------
+
+
+def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "PEAK_FLOPS_CACHE", str(tmp_path / "glassgpt" / "peak_flops.json"))
+    measured = []
+    monkeypatch.setattr(train, "measure_matmul_flops", lambda dev, dtype: measured.append(dtype) or 1.5e11)
+    assert train.peak_flops("cpu", torch.float32) == 1.5e11
+    assert train.peak_flops("cpu", torch.float32) == 1.5e11
+    assert measured == [torch.float32]
+    [(key, value)] = json.loads((tmp_path / "glassgpt" / "peak_flops.json").read_text()).items()
+    assert "torch.float32" in key and f"{torch.get_num_threads()} threads" in key and value == 1.5e11
+
+
+@pytest.mark.slow
+def test_train_divides_by_the_cached_peak(char_data, tmp_path):
+    cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
+    cache.parent.mkdir(parents=True)
+    key = train.peak_cache_key("cpu", torch.float32)
+    cache.write_text(json.dumps({key: 1e12}))
+    out = tmp_path / "out"
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args(char_data, out, "--max_iters=10")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    _, meta = load_checkpoint(out / "ckpt.pt")
+    flops = GPT(GPTConfig(**meta["model_args"])).flops_per_token()
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    for entry in (e for e in logs if e["type"] == "train"):
+        assert entry["mfu"] == pytest.approx(flops * entry["tokens_per_s"] / 1e12)
+
+
+# ---- 6. Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def read_terminal_until(fd, text):
+    """What the child wrote to its terminal (a pty) until text appears."""
+    seen = b""
+    while text.encode() not in seen:
+        try:
+            chunk = os.read(fd, 4096)  # waits for the child to write
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"'{text}' never appeared:\n{seen.decode(errors='replace')}")
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_interrupt_during_an_evaluation_abandons_it_and_saves(char_data, tmp_path):
+    out = tmp_path / "out"
+    terminal, child_end = pty.openpty()  # a terminal, so the progress bars are drawn, as a user sees them
+    # 100,000 evaluation batches: far longer than the timeout below unless the evaluation is abandoned
+    args = train_args(char_data, out, "--max_iters=100000", "--eval_interval=5", "--eval_at_start=False",
+                      "--eval_iters=100000")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                               env=dict(os.environ, GLASSGPT_OFFLINE="1"), stdout=subprocess.PIPE,
+                               stderr=child_end, text=True)
+    os.close(child_end)
+    try:
+        read_terminal_until(terminal, "evaluating")  # the evaluation at iteration 5 has begun
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        os.close(terminal)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "eval 5: abandoned, a stop was requested" in output and "--init_from=resume" in output
+    _, meta = load_checkpoint(out / "ckpt.pt")
+    assert meta["iter_num"] == 5 and meta["evaluated"] is False
+    resumed = run_script("train.py", *train_args(char_data, out, "--max_iters=6", "--eval_interval=5",
+                                                 "--init_from=resume"), check=True)
+    assert "eval 5: train loss" in resumed.stdout  # the abandoned evaluation is made on resume
+
+
+BLOCKED_IN_FSYNC = """
+import os, runpy, signal, sys
+def fsync_blocks(fd):  # the final checkpoint write hangs, as on a stalled disk
+    print("fsync reached", flush=True)
+    while True:
+        signal.pause()
+os.fsync = fsync_blocks
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_second_interrupt_exits_at_once(char_data, tmp_path):
+    out = tmp_path / "out"
+    process = start(*train_args(char_data, out, "--max_iters=100000", "--eval_interval=100000",
+                                "--eval_at_start=False"), code=BLOCKED_IN_FSYNC)
+    read_until(process, "iter 5:")
+    process.send_signal(signal.SIGINT)
+    assert "stopping at the next safe point" in read_until(process, "fsync reached")
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "second interrupt: exiting now, without saving" in output
+    assert not (out / "ckpt.pt").exists() and not (out / run_folder.LOCK_FILE).exists()
+
+
+# ---- 7. a CPU run says how long it will take -----------------------------------------------------------
+
+
+def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
+    assert train.evals_ahead(0, 5000, 250, eval_first=True) == 21  # the GPU recipe
+    assert train.evals_ahead(0, 1000, 1000, eval_first=False) == 1  # the CPU recipe: one, at the end
+    assert train.evals_ahead(5, 12, 5, eval_first=False) == 2  # 10 and the last, 12
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.5))
+    X = torch.zeros(2, 4, dtype=torch.long)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    short = train.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2)
+    assert short.startswith("on this CPU a step takes about ") and "10 steps and 1 evaluation of up to 2" in short
+    assert "sized for a GPU" not in short
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    long = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2)
+    assert "config/shakespeare_char_cpu.py" in long
+
+
+@pytest.mark.slow
+def test_gpu_recipe_on_a_cpu_points_to_the_cpu_recipe_before_its_first_eval(char_data, tmp_path):
+    process = start("config/shakespeare_char.py", f"--data_dir={char_data}", "--dataset=tiny",
+                    f"--out_dir={tmp_path / 'out'}", "--block_size=32", "--device=cpu")  # its model and batch
+    try:
+        output = read_until(process, "on this CPU a step takes about")
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert "eval 0" not in output  # said before the first evaluation starts
+    assert "sized for a GPU: on a CPU, config/shakespeare_char_cpu.py" in output
+
+
+# ---- 8. the usual slips: one clear line, nothing lost ----------------------------------------------------
+
+
+def one_error_line(result, expected):
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+
+
+@pytest.mark.slow
+def test_resume_with_another_tokenizer_is_refused(char_data, tmp_path):
+    out = tmp_path / "out"
+    run_script("train.py", *train_args(char_data, out, "--max_iters=5", "--eval_interval=5"), check=True)
+    before = (out / "ckpt.pt").read_bytes()
+    (tmp_path / "other.txt").write_text(CORPUS.upper(), encoding="utf-8")
+    prepare(str(tmp_path / "other.txt"), str(char_data / "other"), "char")
+    result = run_script("train.py", *train_args(char_data, out, "--init_from=resume", "--max_iters=10"),
+                        "--dataset=other")
+    one_error_line(result, f"cannot resume: {out / 'ckpt.pt'} was trained on dataset 'tiny', whose tokenizer "
+                           "differs from that of 'other'; resume with --dataset=tiny")
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_config_that_is_a_folder_dataset_without_meta(char_data, tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("my notes")
+    one_error_line(run_script("train.py", *train_args(char_data, blocker, "--max_iters=2")),
+                   f"out_dir '{blocker}' is a file, not a folder")
+    assert blocker.read_text() == "my notes"
+    one_error_line(run_script("train.py", "config"), "'config' is a folder, not a config file")
+    (char_data / "tiny" / "meta.json").unlink()
+    bins = {name: (char_data / "tiny" / name).read_bytes() for name in ("train.bin", "val.bin")}
+    one_error_line(run_script("train.py", *train_args(char_data, tmp_path / "out", "--max_iters=2")),
+                   f"{char_data / 'tiny'} has no meta.json")
+    assert {name: (char_data / "tiny" / name).read_bytes() for name in bins} == bins
+
+
+def test_plot_skips_a_corrupt_metrics_line_and_says_which(tmp_path, capsys):
+    lines = [json.dumps({"type": "train", "iter": i, "loss": 4.0 - i, "lr": 1e-3}) for i in range(1, 4)]
+    text = "\n".join([lines[0], '{"type": "train", "it', lines[1], "[1, 2]", lines[2]]) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(text)
+    train_entries, _ = plot.read_metrics(str(tmp_path))
+    assert [e["iter"] for e in train_entries] == [1, 2, 3]
+    assert f"skipped line(s) 2, 4 of {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == text  # nothing rewritten
+
+
+def test_resume_drops_a_torn_metrics_line_instead_of_failing(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"type": "train", "iter": 5}\n{"type": "eval", "iter": 5}\n{"type": "train", "iter": 6}\n'
+                    '{"type": "tra')  # killed while writing its last line
+    train.trim_metrics(str(path), 5)
+    assert path.read_text() == '{"type": "train", "iter": 5}\n{"type": "eval", "iter": 5}\n'
+    assert "dropped line(s) 4" in capsys.readouterr().out
