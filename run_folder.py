@@ -50,7 +50,7 @@ def lock_run_folder(out_dir):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if not lock_descriptor(fd, blocking=False):
-            holder = read_holder(fd) or "a process that is just starting"
+            holder = read_holder(fd).replace("\n", ": ") or "a process that is just starting"
             os.close(fd)
             raise UsageError(f"{out_dir} is in use by another training run ({holder}); wait for it to finish, "
                              "stop it, or choose another out_dir")
@@ -59,15 +59,17 @@ def lock_run_folder(out_dir):
         os.close(fd)  # its holder deleted the file between our open and our lock: open the new one
     stale = read_holder(fd)
     if stale:
-        print(f"note: took over {path} from a run that is no longer running ({stale.split(': python')[0]})")
+        print(f"note: took over {path} from a run that is no longer running ({stale.splitlines()[0]})")
     os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"python {os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}".encode("utf-8"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    holder = (f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              f"python {os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}")  # who, then its command
+    os.write(fd, holder.encode("utf-8"))
     atexit.register(release_lock, fd, path)
 
 
 def read_holder(fd):
-    """What the lock file says about the run that holds (or held) it; '' when empty or unreadable."""
+    """What the lock file says about the run that holds (or held) it: who, then its command; '' if empty."""
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         return os.read(fd, 1000).decode("utf-8", "replace").strip()
