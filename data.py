@@ -310,8 +310,12 @@ def in_order(work, jobs, workers):
     if workers == 1:
         yield from map(work, jobs)
         return
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    # fork on Linux (Python 3.14 would pick a fork server): workers start at once with the parent's
+    # GPT-2 tables, and their parent is this process; elsewhere the platform's default, spawn
+    context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent) as pool:
         pending = collections.deque()
         for job in jobs:
             pending.append(pool.submit(work, job))
@@ -321,13 +325,14 @@ def in_order(work, jobs, workers):
             yield pending.popleft().result()
 
 
-def exit_with_parent(parent_pid):
+def exit_with_parent():
     """Worker start-up: leave once the parent is gone. A parent killed with -9 cannot stop its
     workers, and they would wait for work forever."""
     import threading
+    parent = os.getppid()
 
     def watch():
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
