@@ -566,6 +566,20 @@ def encode_job(job):
             [piece.starts_document for piece in pieces])
 
 
+def to_splits(ids, lengths, starts, document):
+    """One job's ids as {"train": ids, "val": ids}, every document but the first of its split after
+    an end-of-text token; `document` is the index of the last document started, before and after."""
+    eot = np.array([gpt2_encoding().eot_token], dtype=np.uint16)
+    parts = {"train": [np.zeros(0, dtype=np.uint16)], "val": [np.zeros(0, dtype=np.uint16)]}
+    for piece, starts_document in zip(np.split(ids, np.cumsum(lengths)[:-1]), starts):
+        document += starts_document
+        split = "val" if document % VAL_EVERY == VAL_EVERY - 1 else "train"
+        if starts_document and document != (VAL_EVERY - 1 if split == "val" else 0):
+            parts[split].append(eot)
+        parts[split].append(piece)
+    return {split: np.concatenate(p) for split, p in parts.items()}, document
+
+
 def resume_state(out_dir, source):
     """The progress record of an interrupted preparation of this same input, or a fresh one."""
     path = os.path.join(out_dir, PROGRESS_FILE)
@@ -610,8 +624,7 @@ def prepare_corpus(items, out_dir, source, workers=None):
     (even by kill -9) and run again with the same `source` ends with the same files."""
     from tqdm import tqdm
     check_uint16(GPT2Tokenizer.vocab_size, "GPT-2's BPE")
-    eot = np.array([gpt2_encoding().eot_token], dtype=np.uint16)  # built once here; forked workers inherit it
-    first_document = {"train": 0, "val": VAL_EVERY - 1}
+    gpt2_encoding()  # built once here: the forked workers inherit it
     source = {**source, "chunk_bytes": CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
     os.makedirs(out_dir, exist_ok=True)
     state = resume_state(out_dir, source)
@@ -633,23 +646,15 @@ def prepare_corpus(items, out_dir, source, workers=None):
               desc="tokenizing", disable=None) as bar:
         for reached, ids, lengths, starts in in_order(encode_job, corpus_jobs(items, state["items"]),
                                                       workers or usable_cores()):
-            out, written = {"train": [], "val": []}, 0
-            for piece, starts_document in zip(np.split(ids, np.cumsum(lengths)[:-1]), starts):
-                document += starts_document
-                split = "val" if document % VAL_EVERY == VAL_EVERY - 1 else "train"
-                if starts_document and document != first_document[split]:
-                    out[split].append(eot)
-                out[split].append(piece)
-            for split, parts in out.items():
-                for part in parts:
-                    files[split].write(part.tobytes())
-                state[f"{split}_tokens"] += sum(map(len, parts))
-                written += sum(map(len, parts))
+            split_ids, document = to_splits(ids, lengths, starts, document)
+            for split, out in split_ids.items():
+                files[split].write(out.tobytes())
+                state[f"{split}_tokens"] += len(out)
+                bar.update(len(out))
             state["items"], state["documents"] = reached, document + 1
             if time.monotonic() - last_record >= RECORD_SECONDS:
                 record()
                 last_record = time.monotonic()
-            bar.update(written)
     record()
     for f in files.values():
         f.close()
