@@ -186,6 +186,20 @@ def test_without_the_datasets_package_hf_is_one_line_with_the_install_command(mo
     assert stop.value.code == 2 and err.count("\n") == 1 and "pip install datasets" in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--input", "a.txt", "--folder", "docs"], "give one of --input, --folder and --hf"),
+    (["--folder", "docs", "--tokenizer", "char"], "drop --tokenizer char"),
+    (["--folder", "no_such_folder"], "folder 'no_such_folder' not found"),
+])
+def test_corpus_flags_that_cannot_work_are_one_clear_error(flags, message, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    monkeypatch.setattr(sys, "argv", ["data.py", *flags, "--name", "x"])
+    with pytest.raises(UsageError, match=message):
+        data.main()
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_vocabulary_too_large_for_uint16_is_refused_before_writing(tmp_path, folder, monkeypatch):
     root, _ = folder
     monkeypatch.setattr(data.GPT2Tokenizer, "vocab_size", 100_277)
