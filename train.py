@@ -76,11 +76,13 @@ backend = "auto"  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (see fast_path), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model: True, False, or 'auto' (see fast_path: on CUDA, not on CPU)
+compile_mode = "default"  # torch.compile's mode; 'reduce-overhead' replays each step as CUDA graphs (one process)
 fsdp = False  # with torchrun: shard weights, gradients and optimizer state across processes (FSDP2)
 seed = 1337
 # -- end of defaults --
 
 DEFAULTS = configurator.train_defaults()  # the block above, read as data
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
@@ -112,6 +114,9 @@ def check_config(c):
         raise UsageError(f"attention must be 'sdpa' or 'explicit', got {c['attention']!r}")
     if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
+    if c["compile_mode"] not in COMPILE_MODES:
+        raise UsageError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {c['compile_mode']!r}"
+                         f"{configurator.closest(c['compile_mode'], COMPILE_MODES)}")
     if c["compile"] not in (True, False, "auto"):
         raise UsageError(f"compile must be True, False or 'auto', got {c['compile']!r}")
     if c["backend"] not in ("auto", "nccl", "gloo"):
@@ -298,7 +303,7 @@ def run():
     ckpt = None  # free the memory
     raw_model = model
     if use_compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     if ddp and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dev] if device_type == "cuda" else None)
@@ -424,7 +429,8 @@ def run():
     eval_first = evaluated_at != iter_num if resumed else eval_at_start
     if device_type == "cpu" and master and not ddp and not eval_only and iter_num < max_iters:
         evals = evals_ahead(iter_num, max_iters, eval_interval, eval_first)
-        print(how_long(raw_model, X, Y, autocast, accum_steps, max_iters - iter_num, evals, 2 * eval_iters))
+        print(how_long(raw_model, X, Y, autocast, accum_steps, max_iters - iter_num, evals, 2 * eval_iters,
+                       any_device=device == "auto"))
     params = [p for p in raw_model.parameters() if p.requires_grad]
     evals_without_gain, last_val, loss_avg, ratios, skipped_reported = 0, None, None, None, 0
     # the NaN guard's counts live on the device (see step_unless_bad): the current and longest run of
@@ -571,7 +577,7 @@ class EvalAbandoned(Exception):
     """A stop request during an evaluation: its batches so far are dropped and the run stops."""
 
 
-# a CPU run estimated to take longer than this is likely a recipe sized for a GPU
+# a CPU run longer than this, of a recipe that does not ask for a CPU, is likely sized for a GPU
 GPU_SIZED_SECONDS = 3600
 
 
@@ -582,9 +588,10 @@ def evals_ahead(start, max_iters, eval_interval, eval_first):
     return multiples + final - ((start % eval_interval == 0 or start == max_iters) and not eval_first)
 
 
-def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches):
+def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any_device):
     """One line: roughly how long the run will take here, from one timed training step and one timed
-    evaluation batch on the first batch. Weights, gradients and random state are left as they were."""
+    evaluation batch on the first batch. Weights, gradients and random state are left as they were.
+    any_device: the recipe did not ask for a CPU (device='auto'), so it may well be sized for a GPU."""
     with torch.random.fork_rng(devices=[]):  # dropout draws random numbers: training must not see them
         with torch.inference_mode(), autocast:
             model(X, Y)  # untimed: the first call pays for allocations and kernel selection
@@ -601,7 +608,7 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches):
     total = steps * step_s + evals * eval_batches * batch_s
     line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
             f"evaluation{'s' * (evals != 1)} of up to {eval_batches} batches will take about {duration(total)}")
-    if total > GPU_SIZED_SECONDS:
+    if total > GPU_SIZED_SECONDS and any_device:
         line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
                  "a smaller model in minutes")
     return line

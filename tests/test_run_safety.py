@@ -3,11 +3,15 @@ leftovers of a killed write are cleaned up, Ctrl-C stops even mid-evaluation, un
 variants are refused, MFU divides by one cached peak, and the usual slips are one clear line."""
 
 import json
+import fcntl
 import os
 import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from contextlib import nullcontext
 
 import pytest
@@ -249,12 +253,20 @@ def test_train_divides_by_the_cached_peak(char_data, tmp_path):
 # ---- 6. Ctrl-C ---------------------------------------------------------------------------------------
 
 
-def read_terminal_until(fd, text):
-    """What the child wrote to its terminal (a pty) until text appears."""
+def open_terminal():
+    """A pseudo-terminal of 24 x 80 characters: (our end, the child's end)."""
+    ours, childs = pty.openpty()
+    fcntl.ioctl(childs, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 x 0
+    return ours, childs
+
+
+def read_terminal_until(fd, text, timeout=120):
+    """What the child wrote to its terminal until text appears; fails if it stays silent for timeout s."""
     seen = b""
     while text.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], timeout)  # waits for the child to write
         try:
-            chunk = os.read(fd, 4096)  # waits for the child to write
+            chunk = os.read(fd, 4096) if ready else b""
         except OSError:  # EIO: the child closed the terminal
             chunk = b""
         if not chunk:
@@ -266,7 +278,7 @@ def read_terminal_until(fd, text):
 @pytest.mark.slow
 def test_interrupt_during_an_evaluation_abandons_it_and_saves(char_data, tmp_path):
     out = tmp_path / "out"
-    terminal, child_end = pty.openpty()  # a terminal, so the progress bars are drawn, as a user sees them
+    terminal, child_end = open_terminal()  # so that the progress bars are drawn, as a user sees them
     # 100,000 evaluation batches: far longer than the timeout below unless the evaluation is abandoned
     args = train_args(char_data, out, "--max_iters=100000", "--eval_interval=5", "--eval_at_start=False",
                       "--eval_iters=100000")
@@ -279,6 +291,8 @@ def test_interrupt_during_an_evaluation_abandons_it_and_saves(char_data, tmp_pat
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     finally:
+        process.kill()  # (a no-op once it has exited)
+        process.wait(timeout=60)
         os.close(terminal)
     assert process.returncode == 128 + signal.SIGINT
     assert "eval 5: abandoned, a stop was requested" in output and "--init_from=resume" in output
@@ -306,11 +320,15 @@ def test_second_interrupt_exits_at_once(char_data, tmp_path):
     out = tmp_path / "out"
     process = start(*train_args(char_data, out, "--max_iters=100000", "--eval_interval=100000",
                                 "--eval_at_start=False"), code=BLOCKED_IN_FSYNC)
-    read_until(process, "iter 5:")
-    process.send_signal(signal.SIGINT)
-    assert "stopping at the next safe point" in read_until(process, "fsync reached")
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
+    try:
+        read_until(process, "iter 5:")
+        process.send_signal(signal.SIGINT)
+        assert "stopping at the next safe point" in read_until(process, "fsync reached")
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()  # (a no-op once it has exited)
+        process.wait(timeout=60)
     assert process.returncode == 128 + signal.SIGINT
     assert "second interrupt: exiting now, without saving" in output
     assert not (out / "ckpt.pt").exists() and not (out / run_folder.LOCK_FILE).exists()
@@ -327,19 +345,23 @@ def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
     X = torch.zeros(2, 4, dtype=torch.long)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    short = train.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2)
+    short = train.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2, any_device=True)
     assert short.startswith("on this CPU a step takes about ") and "10 steps and 1 evaluation of up to 2" in short
     assert "sized for a GPU" not in short
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
-    long = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2)
+    long = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2, any_device=True)
     assert "config/shakespeare_char_cpu.py" in long
+    asked_for_cpu = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2,
+                                   any_device=False)  # a recipe made for a CPU, like the CPU recipe itself
+    assert "sized for a GPU" not in asked_for_cpu
 
 
 @pytest.mark.slow
-def test_gpu_recipe_on_a_cpu_points_to_the_cpu_recipe_before_its_first_eval(char_data, tmp_path):
+def test_gpu_recipe_on_a_cpu_points_to_the_cpu_recipe_before_its_first_eval(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # device='auto' finds no GPU, as on a laptop
     process = start("config/shakespeare_char.py", f"--data_dir={char_data}", "--dataset=tiny",
-                    f"--out_dir={tmp_path / 'out'}", "--block_size=32", "--device=cpu")  # its model and batch
+                    f"--out_dir={tmp_path / 'out'}", "--block_size=32")  # its model and batch size
     try:
         output = read_until(process, "on this CPU a step takes about")
     finally:
