@@ -57,7 +57,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise UsageError(f"checkpoint '{path}' not found; train first (python train.py config/...) "
                          "or give the right --ckpt path")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from disk only when used (sampling never touches the optimizer state)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, foreign pickle, unsafe globals: all mean "not ours"
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint ({reason}); "

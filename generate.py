@@ -33,7 +33,7 @@ def find_checkpoint(path):
 
 def load_model(ckpt_path, device):
     """The model and tokenizer a checkpoint describes, ready for inference."""
-    tensors, meta = load_checkpoint(ckpt_path, map_location=device)
+    tensors, meta = load_checkpoint(ckpt_path)  # on the CPU: only the model's weights go to the device
     try:
         model = GPT(GPTConfig(**meta["model_args"]))
         model.load_state_dict(tensors["model"])

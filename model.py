@@ -316,9 +316,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
-                 generator=None):
+                 generator=None, compile=False):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
-        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator)
+        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, compile)
         return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()

@@ -721,9 +721,9 @@ def update_ratios(optimizers, params, weights_before):
             w = sum(full(before[id(p)].float().pow(2).sum()) for p in group["params"])
             names.append(group["name"])
             sums.append(torch.stack([dw, w]))
-    ratios = {name: log10_ratio(dw, w) for name, (dw, w) in zip(names, torch.stack(sums).tolist())}
-    total_dw, total_w = torch.stack(sums).sum(0).tolist()
-    ratios["all"] = log10_ratio(total_dw, total_w)
+    values = torch.stack(sums).tolist()  # [[dw, w] per group]: the one read of the device
+    ratios = {name: log10_ratio(dw, w) for name, (dw, w) in zip(names, values)}
+    ratios["all"] = log10_ratio(sum(dw for dw, _ in values), sum(w for _, w in values))
     return ratios
 
 
