@@ -1,0 +1,395 @@
+"""
+Pictures of the ideas, drawn from the real code into docs/img (chapters 3, 5 and 6 show them):
+
+    python docs/figures.py --ckpt out-shakespeare-char-cpu/ckpt.pt   # a trained CPU-recipe model
+    python docs/figures.py                                           # no checkpoint: train one briefly first
+
+    block.png           the block and the residual stream, with the model's own parameter counts
+    causal-mask.png     CausalSelfAttention.causal_mask and what it does to a head's weights
+    attention-maps.png  a few heads on a line of Shakespeare, trained and at initialisation
+    lr-schedules.png    train.get_lr for each training recipe in config/
+    optimizer-step.png  one optimizer step: micro-batches, accumulate, unscale, clip, step, zero_grad
+    kv-cache.png        the KV cache filling during generation
+"""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python docs/figures.py`: the modules it draws live one folder up
+
+import torch
+
+import configurator
+import model as model_py
+import train
+from checkpoint import load_checkpoint
+from configurator import ArgumentParser, UsageError, run_cli
+from data import load_split, tokenizer_from, windows_at
+from model import GPT, GPTConfig
+
+LINE = "Before we proceed any further, hear me speak."  # the second line of tiny Shakespeare
+DPI = 100
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no window, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, out_dir, name):
+    path = os.path.join(out_dir, name)
+    fig.savefig(path)
+    pyplot().close(fig)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The models: the checkpoint's, and the same architecture at the initialisation its run began from
+
+
+def load_trained(ckpt_path):
+    tensors, meta = load_checkpoint(ckpt_path)
+    trained = GPT(GPTConfig(**meta["model_args"]))
+    trained.load_state_dict(tensors["model"])
+    return trained.eval(), meta
+
+
+def initial_model(meta):
+    """train.py seeds torch with `seed` right before it builds the model: the same call gives the
+    exact weights the run started from."""
+    torch.manual_seed(meta["config"]["seed"])
+    return GPT(GPTConfig(**meta["model_args"])).eval()
+
+
+def encode_line(meta, line):
+    ids = tokenizer_from(meta["tokenizer"]).encode(line)[:meta["model_args"]["block_size"]]
+    return torch.tensor([ids], dtype=torch.long)  # (1, T)
+
+
+@torch.no_grad()
+def attention_weights(gpt, idx):
+    """[(nh, T, T) per layer]: the softmax weights of the explicit path, caught where they pass through
+    attn_dropout (an identity in eval mode)."""
+    caught, hooks = [], []
+    for block in gpt.transformer.h:
+        block.attn.attention = "explicit"  # the path that forms the weights as a tensor
+        hooks.append(block.attn.attn_dropout.register_forward_hook(lambda m, args, out: caught.append(out[0])))
+    gpt(idx)
+    for hook in hooks:
+        hook.remove()
+    for block in gpt.transformer.h:
+        block.attn.attention = gpt.config.attention
+    return caught
+
+
+@torch.no_grad()
+def stream_sizes(gpt, idx):
+    """RMS of the residual stream entering each block, and of what attention and the MLP add to it."""
+    t = gpt.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+    rms = lambda v: v.pow(2).mean().sqrt().item()
+    rows = []
+    for block in t.h:
+        attn = block.attn(block.ln_1(x))
+        mlp = block.mlp(block.ln_2(x + attn))
+        rows.append((rms(x), rms(attn), rms(mlp)))
+        x = x + attn + mlp
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures
+
+
+def block_figure(trained, idx, out_dir):
+    plt = pyplot()
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 5.6), dpi=DPI, gridspec_kw={"width_ratios": [1.3, 1]})
+    cfg, t = trained.config, trained.transformer
+    block = t.h[0]
+    count = lambda module: f"{sum(p.numel() for p in module.parameters()):,}"
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 12.5)
+    ax.axis("off")
+
+    def box(x, y, text, colour, width):
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.4), width, 0.8, boxstyle="round,pad=0.05",
+                                    facecolor=colour, edgecolor="black", linewidth=0.8))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8)
+
+    def arrow(a, b, **kw):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=10, linewidth=1, **kw))
+
+    stream = 2.8  # x of the residual stream
+    ax.add_patch(FancyArrowPatch((stream, 1.3), (stream, 11.1), arrowstyle="-|>", mutation_scale=18,
+                                 linewidth=5, color="tab:blue", alpha=0.35))
+    ax.text(stream - 0.45, 6.2, f"residual stream x: (B, T, {cfg.n_embd})", rotation=90, ha="center", va="center",
+            fontsize=8, color="tab:blue")
+    box(stream, 0.8, f"wte(idx) + wpe(pos)  [{count(t.wte)} + {count(t.wpe)}]", "white", 5.4)
+    for y, ln_name, ln, name, layer, colour in [(3.0, "ln_1", block.ln_1, "attn", block.attn, "#f4c28f"),
+                                                (6.6, "ln_2", block.ln_2, "mlp", block.mlp, "#b9dfb1")]:
+        box(6.0, y, f"{ln_name}  [{count(ln)}]", "#eeeeee", 2.0)
+        box(9.6, y + 1.2, f"{name}  [{count(layer)}]", colour, 3.2)
+        arrow((stream, y), (5.0, y))
+        arrow((7.0, y), (9.0, y + 0.8))
+        arrow((9.6, y + 1.6), (stream + 0.25, y + 2.2), connectionstyle="arc3,rad=0.25")
+        ax.text(stream, y + 2.2, "+", ha="center", va="center", fontsize=16, fontweight="bold")
+    ax.text(5.2, 10.2, f"block 0 of {cfg.n_layer} (Block.forward):\n  x = x + attn(ln_1(x))\n  x = x + mlp(ln_2(x))",
+            fontsize=8, family="monospace", va="center")
+    box(stream, 11.7, f"ln_f -> lm_head (wte, tied) -> logits (B, T, {cfg.vocab_size})", "white", 5.4)
+    ax.set_title("The block: pre-LayerNorm; each sub-layer adds into the stream\n[parameter counts of this model]",
+                 fontsize=10)
+
+    rows = stream_sizes(trained, idx)
+    layers = list(range(len(rows)))
+    width = 0.27
+    bars.bar([i - width for i in layers], [r[0] for r in rows], width, label="the stream entering the block",
+             color="tab:blue", alpha=0.5)
+    bars.bar(layers, [r[1] for r in rows], width, label="what attn adds", color="#e8964a")
+    bars.bar([i + width for i in layers], [r[2] for r in rows], width, label="what mlp adds", color="#6cb35e")
+    bars.set_xticks(layers, [f"block {i}" for i in layers])
+    bars.set_ylabel("RMS over the line's positions and features")
+    bars.set_title("The trained model on one line of Shakespeare", fontsize=10)
+    bars.legend(fontsize=8)
+    bars.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save(fig, out_dir, "block.png")
+
+
+def causal_mask_figure(trained, initial, idx, meta, out_dir):
+    plt = pyplot()
+    n = min(16, idx.size(1))
+    chars = list(tokenizer_from(meta["tokenizer"]).decode(idx[0, :n].tolist()).replace("\n", "\u21b5"))
+    mask = trained.transformer.h[0].attn.causal_mask[:n, :n]
+    panels = [(mask.float(), "causal_mask[:16, :16]\n(True = may look)", "Greys"),
+              (attention_weights(initial, idx[:, :n])[0][0], "head 0 of block 0, at initialisation:\nnearly uniform over the past", "Blues"),
+              (attention_weights(trained, idx[:, :n])[0][0], "the same head, trained:\nsharp, and still only the past", "Blues")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=DPI)
+    for ax, (image, title, cmap) in zip(axes, panels):
+        ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=1)
+        ax.set_xticks(range(n), chars, fontsize=7)
+        ax.set_yticks(range(n), chars, fontsize=7)
+        ax.set_xlabel("key: the position looked at")
+        ax.set_ylabel("query: the position looking")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, "causal-mask.png")
+
+
+def attention_maps_figure(trained, initial, idx, meta, out_dir, heads=4):
+    plt = pyplot()
+    chars = list(tokenizer_from(meta["tokenizer"]).decode(idx[0].tolist()).replace("\n", "\u21b5"))
+    layers = sorted({0, trained.config.n_layer - 1})
+    heads = min(heads, trained.config.n_head)
+    fig, axes = plt.subplots(2 * len(layers), heads, figsize=(3.4 * heads, 3.5 * 2 * len(layers)), dpi=DPI,
+                             squeeze=False)
+    weights = {"at initialisation": attention_weights(initial, idx), "trained": attention_weights(trained, idx)}
+    row = 0
+    for layer in layers:
+        for label, per_layer in weights.items():
+            for h in range(heads):
+                ax = axes[row, h]
+                ax.imshow(per_layer[layer][h].numpy(), cmap="Blues", vmin=0, vmax=1)
+                ax.set_title(f"block {layer}, head {h}, {label}", fontsize=8)
+                ax.set_xticks(range(len(chars)), chars, fontsize=5)
+                ax.set_yticks(range(len(chars)), chars, fontsize=5)
+            row += 1
+    fig.suptitle("Attention weights on a line of Shakespeare (row: the character looking; column: the one looked at)",
+                 fontsize=10)
+    fig.tight_layout()
+    save(fig, out_dir, "attention-maps.png")
+
+
+def recipes():
+    """(name, config) for each training recipe in config/ (evaluation-only configs left out)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
+        c = configurator.load_config(train.DEFAULTS, [path])
+        if not c["eval_only"] and c["max_iters"] > 0:
+            found.append((os.path.basename(path), c))
+    return found
+
+
+def lr_schedules_figure(out_dir):
+    plt = pyplot()
+    found = recipes()
+    columns = 3
+    rows = math.ceil(len(found) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.7 * rows), dpi=DPI, squeeze=False)
+    for ax, (name, c) in zip(axes.flat, found):
+        steps = range(0, c["max_iters"] + 1, max(1, c["max_iters"] // 2000))  # 2000 points are plenty
+        lrs = [train.get_lr(it, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"], c["decay_lr"])
+               for it in steps]
+        ax.plot(list(steps), lrs, color="tab:blue")
+        schedule = (f"{c['learning_rate']:g} -> {c['min_lr']:g}, warmup {c['warmup_iters']}" if c["decay_lr"]
+                    else f"constant {c['learning_rate']:g}")
+        ax.text(0.98, 0.95, schedule, transform=ax.transAxes, ha="right", va="top", fontsize=8)
+        if c["decay_lr"] and c["warmup_iters"]:
+            ax.axvline(c["warmup_iters"], color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(f"config/{name}", fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-4, 4))
+        ax.set_ylim(0, max(lrs) * 1.2)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(found):]:
+        ax.axis("off")
+    fig.suptitle("train.get_lr for each recipe: warmup (dotted line), cosine decay to min_lr", fontsize=10)
+    fig.tight_layout()
+    save(fig, out_dir, "lr-schedules.png")
+
+
+def optimizer_step_figure(initial, meta, data_dir, out_dir, micro_batches=4, batch_size=4, scale=1024.0):
+    """One real step of the CPU-recipe model at initialisation, with a GradScaler at a fixed scale (what
+    dtype=float16 turns on), measuring the global gradient norm after each stage."""
+    plt = pyplot()
+    gpt = initial.train()
+    params = [p for p in gpt.parameters()]
+    c = meta["config"]
+    optimizer = gpt.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")[0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    data = load_split(data_dir, meta["dataset"], "train")
+    block_size = meta["model_args"]["block_size"]
+    rng = torch.Generator().manual_seed(0)
+    norm = lambda: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+    stages = []
+    for micro in range(micro_batches):
+        X, Y = windows_at(data, torch.randint(len(data) - block_size, (batch_size,), generator=rng), block_size, "cpu")
+        _, loss = gpt(X, Y)
+        scaler.scale(loss / micro_batches).backward()  # adds into .grad
+        stages.append((f"backward {micro + 1}\n(scaled)", norm()))
+    scaler.unscale_(optimizer)
+    stages.append(("unscale_", norm()))
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    stages.append(("clip to 1.0", norm()))
+    before = [p.detach().clone() for p in params]
+    scaler.step(optimizer)
+    scaler.update()
+    change = math.sqrt(sum((p.detach() - b).pow(2).sum().item() for p, b in zip(params, before)))
+    size = math.sqrt(sum(b.pow(2).sum().item() for b in before))
+    optimizer.zero_grad(set_to_none=True)
+    gone = all(p.grad is None for p in params)
+
+    fig, (flow, bars) = plt.subplots(2, 1, figsize=(12, 5.6), dpi=DPI, gridspec_kw={"height_ratios": [1, 1.6]})
+    flow.axis("off")
+    flow.set_xlim(0, 12)
+    flow.set_ylim(0, 1)
+    boxes = [f"{micro_batches} micro-batches\nforward, loss / {micro_batches}", "backward:\ngrads add up in .grad",
+             f"scaler.unscale_\n(divide by {scale:.0f})", "clip_grad_norm_\n(max 1.0)",
+             f"optimizer.step (lr {c['learning_rate']:g})\nlog10 |dw| / |w| = {math.log10(change / size):.2f}", "zero_grad\n" + ("grads -> None" if gone else "grads zeroed")]
+    for i, text in enumerate(boxes):
+        x = 1.0 + i * 2.0
+        flow.text(x, 0.5, text, ha="center", va="center", fontsize=8,
+                  bbox=dict(boxstyle="round,pad=0.4", facecolor="#f3f3f3", edgecolor="black", linewidth=0.8))
+        if i:
+            flow.annotate("", xy=(x - 0.92, 0.5), xytext=(x - 1.08, 0.5), arrowprops=dict(arrowstyle="-|>"))
+    flow.set_title("One optimizer step in train.py: the order of the calls", fontsize=10)
+    names, values = zip(*stages)
+    bars.bar(range(len(values)), values, color=["#9ecae1"] * micro_batches + ["#e8964a", "#6cb35e"])
+    for i, v in enumerate(values):
+        bars.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    bars.set_yscale("log")
+    bars.set_xticks(range(len(names)), names, fontsize=8)
+    bars.set_ylabel("global gradient norm")
+    bars.set_title(f"measured on the CPU recipe's model at initialisation, {micro_batches} micro-batches of "
+                   f"{batch_size} windows (a scale of {scale:.0f}, as float16 would use)", fontsize=9)
+    bars.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save(fig, out_dir, "optimizer-step.png")
+
+
+def kv_cache_figure(out_dir, block_size=16, prompt=5, new_tokens=20):
+    """Which cache slots each generation step writes, reads and leaves hidden, recorded from KVCache.write
+    while GPT.generate runs a small random model."""
+    plt = pyplot()
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=65, block_size=block_size, n_layer=1, n_head=1, n_embd=16)).eval()
+    writes, original = [], model_py.KVCache.write
+
+    def recording_write(cache, k, v, pos):
+        writes.append(pos.tolist())
+        return original(cache, k, v, pos)
+    model_py.KVCache.write = recording_write
+    try:
+        gpt.generate(torch.zeros(1, prompt, dtype=torch.long), new_tokens, temperature=0)
+    finally:
+        model_py.KVCache.write = original
+    grid = torch.zeros(len(writes), block_size)  # 0 empty, 1 hidden (stale), 2 read from the cache, 3 written now
+    filled = torch.zeros(block_size, dtype=torch.bool)
+    for step, positions in enumerate(writes):
+        filled[positions] = True
+        newest = max(positions)  # the last query sees keys 0..newest (the causal mask's row)
+        grid[step] = torch.where(filled, 1.0, 0.0)
+        grid[step, :newest + 1] = 2
+        grid[step, positions] = 3
+    from matplotlib.colors import ListedColormap
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=DPI)
+    ax.imshow(grid.numpy(), cmap=ListedColormap(["white", "#dddddd", "#9ecae1", "#e8964a"]), vmin=0, vmax=3,
+              aspect="auto")
+    ax.set_xticks(range(block_size))
+    labels = [f"position {p[0]}" if len(p) == 1 else ("prefill" if step == 0 else "refill") + f" 0..{p[-1]}"
+              for step, p in enumerate(writes)]
+    ax.set_yticks(range(len(writes)), labels, fontsize=7)
+    ax.set_xlabel("cache slot = position (block_size = %d)" % block_size)
+    ax.set_ylabel("forward call")
+    ax.set_xticks([x - 0.5 for x in range(block_size + 1)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(len(writes) + 1)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.8)
+    ax.tick_params(which="minor", length=0)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color="#e8964a", label="keys/values written by this call"),
+                       Patch(color="#9ecae1", label="read from the cache"),
+                       Patch(color="#dddddd", label="left from before the refill, hidden by the mask")],
+              fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
+    ax.set_title(f"KV cache of one layer while GPT.generate writes {new_tokens} tokens after a {prompt}-token "
+                 "prompt", fontsize=10)
+    fig.tight_layout()
+    save(fig, out_dir, "kv-cache.png")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train_briefly(iters, data_dir, train_dir):
+    """No checkpoint given: train the CPU recipe for `iters` steps (its schedule squeezed to fit)."""
+    command = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "shakespeare_char_cpu.py"),
+               f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={iters}",
+               f"--data_dir={data_dir}", f"--out_dir={train_dir}", "--replace_earlier_run=True"]
+    print("training:", " ".join(command[1:]))
+    if subprocess.run(command).returncode:
+        raise UsageError("the training run for the figures failed (see above)")
+    return os.path.join(train_dir, "ckpt.pt")
+
+
+def main():
+    parser = ArgumentParser(description="Draw the docs' pictures of the ideas from the real code.")
+    parser.add_argument("--ckpt", help="a trained CPU-recipe checkpoint (default: train one with --iters steps)")
+    parser.add_argument("--iters", type=int, default=300, help="steps of the CPU recipe to train when --ckpt is not given")
+    parser.add_argument("--train_dir", default="out-figures", help="where that short run is written")
+    parser.add_argument("--data_dir", default="data", help="datasets folder (the optimizer-step figure draws batches)")
+    parser.add_argument("--line", default=LINE, help="the text the attention figures look at")
+    parser.add_argument("--out_dir", default=os.path.join("docs", "img"))
+    args = parser.parse_args()
+    if args.iters < 1:
+        raise UsageError(f"--iters must be at least 1, got {args.iters}")
+    ckpt = args.ckpt or train_briefly(args.iters, args.data_dir, args.train_dir)
+    os.makedirs(args.out_dir, exist_ok=True)
+    trained, meta = load_trained(ckpt)
+    initial = initial_model(meta)
+    idx = encode_line(meta, args.line)
+    block_figure(trained, idx, args.out_dir)
+    causal_mask_figure(trained, initial, idx, meta, args.out_dir)
+    attention_maps_figure(trained, initial, idx, meta, args.out_dir)
+    lr_schedules_figure(args.out_dir)
+    optimizer_step_figure(initial_model(meta), meta, args.data_dir, args.out_dir)
+    kv_cache_figure(args.out_dir)
+
+
+if __name__ == "__main__":
+    run_cli(main)
