@@ -78,7 +78,8 @@ def read_holder(fd):
 
 
 def release_lock(fd, path):
-    os.remove(path)  # while still holding the lock, so nobody can take a lock on a file about to vanish
+    if os.path.exists(path):  # (unless the folder itself was deleted meanwhile)
+        os.remove(path)  # while still holding the lock, so nobody can take a lock on a file about to vanish
     os.close(fd)
 
 
