@@ -16,15 +16,13 @@ import math
 import os
 import re
 import shlex
-import subprocess
-import sys
 import tokenize
 from functools import lru_cache
 
 import pytest
 
 from configurator import UsageError, load_config, parse_value, train_defaults
-from conftest import CORPUS
+from conftest import CORPUS, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ("en", "zh")
@@ -432,15 +430,12 @@ def test_runnable_commands_run(name, tmp_path):
     if not runnable_commands("en", name):
         return
     folder = sandbox(tmp_path)
-    env = dict(os.environ, GLASSGPT_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     for argv in runnable_commands("en", name):
         variables = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", a))
         launcher = argv[len(variables)] if len(argv) > len(variables) else None
         script, args = script_and_args(argv)
         assert script and launcher in ("python", "python3"), f"{name}: only `python script.py` commands can be runnable"
-        full = [sys.executable, os.path.join(ROOT, script), *args, *TINY_TAIL.get(script, [])]
-        result = subprocess.run(full, cwd=folder, env=dict(env, **variables), capture_output=True, text=True,
-                                timeout=300)
+        result = run_script(script, *args, *TINY_TAIL.get(script, []), cwd=folder, env=variables)
         assert result.returncode == 0, f"{name}: `{shlex.join(argv)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
 
 
@@ -554,3 +549,69 @@ def test_the_uniform_guess_losses_the_docs_quote_are_ln_v():
     for lang in LANGS:
         text = chapter(lang, "00-knowledge-map.md") + chapter(lang, "02-data.md")
         assert "`ln 65 = 4.17`" in text and "`ln 50257 = 10.82`" in text and "| 4.17 | 10.82 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercises, and the lines of train.py's output that the docs quote
+
+EXERCISES = {"en": "Exercises", "zh": "练习"}
+
+
+@pytest.mark.parametrize("lang, name", all_chapters())
+def test_each_chapter_ends_with_three_to_five_exercises_with_answers(lang, name):
+    text = chapter(lang, name)
+    last = [title for level, title in headings(text) if level == "##"][-1]
+    assert last.endswith(EXERCISES[lang]), f"{lang}/{name}: the last section should be '{EXERCISES[lang]}'"
+    number = last.split()[0]
+    exercises = {n: body for n, body in sections(text).items() if n.startswith(number + ".")}
+    assert 3 <= len(exercises) <= 5, f"{lang}/{name}: {len(exercises)} exercises"
+    for n, body in exercises.items():
+        answer = re.search(r"<details><summary>[^<]+</summary>\n(.*?)</details>", body, flags=re.S)
+        assert answer and answer.group(1).strip(), f"{lang}/{name} {n}: no answer in a <details> block"
+        assert body[:answer.start()].strip(), f"{lang}/{name} {n}: the question comes before the answer"
+
+
+NUMBER = r"-?(?:\d[\d,]*)?\.?\d+(?:e[+-]\d+)?"
+
+
+def train_output_patterns():
+    """Regexes of the lines train.py prints: its log line (train.py: format_log) in every variant, with any
+    numbers, and each of its other f-strings that starts with words, with any text in their fields."""
+    import itertools
+
+    import train
+    patterns = []
+    for mfu, clipped, ratio, scale in itertools.product((None, 0.5), (False, True), (None, -2.5), (None, 1024.0)):
+        entry = {"iter": 10, "loss": 2.5, "lr": 1e-3, "ms_per_iter": 50.0, "tokens_per_s": 15000.0, "mfu": mfu,
+                 "grad_norm": 1.5, "clipped": clipped, "update_ratio_log10": None if ratio is None else {"all": ratio},
+                 "skipped_steps": 0, "loss_scale": scale}
+        pieces = re.split(f"({NUMBER})", train.format_log(entry))
+        patterns.append("".join(NUMBER if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
+    for node in ast.walk(syntax_tree("train.py")):
+        if isinstance(node, ast.JoinedStr) and isinstance(node.values[0], ast.Constant):  # lines that start with words
+            patterns.append("".join(re.escape(v.value) if isinstance(v, ast.Constant) else ".+?" for v in node.values))
+    return patterns
+
+
+QUOTED_OUTPUT = re.compile(r"(iter \d+:|eval \d+:|warning: |loss [\d.]+ on one batch|done: )")
+
+
+def test_the_output_pattern_tells_real_lines_from_wrong_ones():
+    patterns = train_output_patterns()
+    matches = lambda line: any(re.fullmatch(p, line) for p in patterns)
+    assert matches("iter 50: loss 2.9617, lr 4.95e-04, 51.3 ms/iter, 14,979 tok/s, mfu 72.4% | grad norm 1.552 (clipped), update -2.50")
+    assert matches("eval 300: train loss 2.3693, val loss 2.3870")
+    assert not matches("iter 50: loss 2.9617, lr 4.95e-04 | grad norm 1.552, ratio -2.50")
+    assert not matches("eval 300: loss 2.3693")
+
+
+@pytest.mark.parametrize("lang, name", all_chapters())
+def test_quoted_train_output_has_a_format_train_py_prints(lang, name):
+    patterns = train_output_patterns()
+    for kind, _, body, *_ in blocks(chapter(lang, name)):
+        if kind != "text":
+            continue
+        for line in body.splitlines():
+            if QUOTED_OUTPUT.match(line):
+                assert any(re.fullmatch(p, line) for p in patterns), \
+                    f"{lang}/{name}: train.py prints no line like this one:\n{line}"
