@@ -24,7 +24,6 @@ import typing
 import urllib.request
 
 import numpy as np
-import torch
 
 from configurator import ArgumentParser, UsageError, run_cli
 
@@ -731,12 +730,14 @@ def load_split(data_dir, name, split):
 def get_batch(data, batch_size, block_size, device, generator=None):
     """batch_size random windows: x (B, T) and y (B, T), where y is x shifted one token left,
     so y[b, t] is the token that follows x[b, :t+1]."""
+    import torch  # here, not at the top: preparing data (python data.py) never needs PyTorch
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     return windows_at(data, ix, block_size, device)
 
 
 def windows_at(data, ix, block_size, device):
     """The windows that start at positions ix (B,): x (B, T) and y (B, T) on device."""
+    import torch
     offsets = np.arange(block_size + 1)
     rows = torch.from_numpy(data[ix.numpy()[:, None] + offsets].astype(np.int64))  # (B, T + 1), one gather
     if device.startswith("cuda"):
@@ -747,8 +748,9 @@ def windows_at(data, ix, block_size, device):
     return rows[:, :-1], rows[:, 1:].contiguous()  # y is x shifted one token left
 
 
-class TokenWindows(torch.utils.data.Dataset):
-    """The PyTorch way: every (x, y) window of a split as a Dataset, for a DataLoader."""
+class TokenWindows:
+    """The PyTorch way: every (x, y) window of a split as a map-style dataset (__len__ and __getitem__,
+    all that a DataLoader asks of one), for a DataLoader."""
 
     def __init__(self, data, block_size):
         self.data, self.block_size = data, block_size
@@ -757,11 +759,13 @@ class TokenWindows(torch.utils.data.Dataset):
         return len(self.data) - self.block_size
 
     def __getitem__(self, i):
+        import torch
         chunk = torch.from_numpy(self.data[i:i + self.block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
 
 def create_dataloader(dataset, batch_size, shuffle):
+    import torch
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True)
 
 

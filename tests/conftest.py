@@ -36,7 +36,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 # Scripts run in processes forked from one server that has imported PyTorch once: each run is a fresh
 # process, as `python script.py args` gives, without paying two seconds of imports every time.
 SCRIPTS = multiprocessing.get_context("forkserver")
-SCRIPTS.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "tqdm"])
+SCRIPTS.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "tqdm", "matplotlib.pyplot"])
 
 
 def run_script(script, *args, cwd=ROOT, check=False, timeout=300, env=None):
