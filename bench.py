@@ -6,8 +6,8 @@ hits both alike, each figure the median of several repeats.
     python bench.py                                    # training, generation and eval at the default shapes
     python bench.py --config config/shakespeare.py     # training at a config's shape
     python bench.py --data                             # dataset preparation speed on a generated 200 MB text
-    python bench.py --recipe                           # time to val 1.88: whole train.py runs, ours vs nanoGPT's
-    python bench.py --recipe --keep_runs=out-recipe    # ... and keep both runs' folders for plot.py
+    python bench.py --recipe --nanogpt=../nanoGPT      # time to val 1.88: our CPU recipe vs nanoGPT's own code
+    python bench.py --recipe --nanogpt=../nanoGPT --keep_runs=out-recipe  # ... and keep our runs for plot.py
     python bench.py --json                             # also one JSON object per measurement on stdout
 """
 
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import torch
 
 import configurator
 from configurator import ArgumentParser, UsageError, run_cli
+from data import load_split, windows_at
 from model import GPT, GPTConfig
 from train import DEFAULTS, fast_path, peak_flops, pick_device, step_unless_bad, update_ratios
 
@@ -320,39 +322,91 @@ def bench_data(megabytes):
     return rows
 
 
-# nanoGPT's baby Shakespeare recipe, run by train.py; eval and log cadence as nanoGPT has them
-NANOGPT_RECIPE = ["--learning_rate=1e-3", "--max_iters=2000", "--lr_decay_iters=2000", "--warmup_iters=100",
-                  "--min_lr=1e-4", "--beta2=0.99", "--batch_size=12", "--eval_interval=250", "--eval_iters=200",
-                  "--log_interval=10", "--eval_at_start=True", "--optimizer=adamw", "--dtype=float32",
-                  "--compile=False"]
+# nanoGPT's README command for training on a CPU, run with nanoGPT's own code in its own checkout
+NANOGPT_PREPARE = ["data/shakespeare_char/prepare.py"]
+NANOGPT_CPU_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                       "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+                       "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+OUR_CPU_COMMAND = ["train.py", "config/shakespeare_char_cpu.py"]
 
 
-def bench_recipe(data_dir, keep_runs=None):
-    """Whole train.py processes, one after the other: our CPU recipe against nanoGPT's recipe run the
-    reference way. Wall-clock seconds each, and the val losses they reach. The runs' folders are
-    kept in keep_runs/{fast,reference} when it is given (for plot.py), else thrown away."""
+def timed(argv, cwd, env=None):
+    """(seconds, stdout) of the whole process `python argv...`, run in cwd."""
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise UsageError(f"`python {' '.join(argv)}` in {cwd} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return seconds, result.stdout
+
+
+def whole_split_loss(ckpt_path, val_data, block_size=64):
+    """A checkpoint's mean loss over every non-overlapping block_size window of val_data: the split's exact
+    loss, not an estimate. Reads GlassGPT's checkpoints (model_args in the JSON meta) and nanoGPT's (the same
+    module names, model_args beside the weights); both load as tensors and plain containers only."""
+    payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    args = json.loads(payload["meta"])["model_args"] if "meta" in payload else payload["model_args"]
+    model = GPT(GPTConfig(**{k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}))
+    model.load_state_dict(payload["model"])
+    model.eval()
+    starts = torch.arange(0, len(val_data) - block_size, block_size)  # the last window needs one more token
+    total = 0.0
+    with torch.inference_mode():
+        for batch in torch.split(starts, 64):
+            x, y = windows_at(val_data, batch, block_size, "cpu")
+            total += model(x, y)[1].item() * len(batch)
+    return total / len(starts)
+
+
+def bench_recipe(nanogpt, rounds, keep_runs=None):
+    """From text to a trained model, as whole processes: our CPU recipe (which prepares the data on its first
+    run) against nanoGPT's README CPU command with nanoGPT's own code, after nanoGPT's own prepare.py. The
+    two alternate (ours first in even rounds, nanoGPT first in odd ones), each from a fresh copy of the same
+    text. Both best checkpoints are scored on the whole val split. Our runs' folders go to keep_runs/ when
+    it is given (for plot.py)."""
+    text = os.path.join(nanogpt, "data", "shakespeare_char", "input.txt")
+    if not os.path.isfile(os.path.join(nanogpt, "train.py")) or not os.path.isfile(text):
+        raise UsageError(f"--nanogpt={nanogpt} is not a nanoGPT checkout with data/shakespeare_char/input.txt: "
+                         "git clone https://github.com/karpathy/nanoGPT and put tiny Shakespeare's input.txt there")
+    peak_flops("cpu", torch.float32)  # train.py measures it once per machine and caches it: not part of a round
     env = dict(os.environ, GLASSGPT_OFFLINE="1")
-    row = {"metric": "recipe_seconds", "shape": "4x128x64 shakespeare_char"}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"fast": ["config/shakespeare_char_cpu.py"],
-                "reference": ["config/shakespeare_char_cpu.py", *NANOGPT_RECIPE]}
-        for path, args in runs.items():
-            out_dir = os.path.join(keep_runs or tmp, path)
-            row[path], _, _ = run_process(script_code("train.py"), [*args, f"--data_dir={data_dir}",
-                                                                    f"--out_dir={out_dir}"], env)
-            with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-                evals = [e for e in map(json.loads, f) if e["type"] == "eval"]
-            row[f"{path}_final_val_loss"] = evals[-1]["val_loss"]
-            row[f"{path}_first_eval_at_or_below_1.88"] = next((e["iter"] for e in evals if e["val_loss"] <= 1.88), None)
-    row["ratio"] = row["reference"] / row["fast"]
-    return [row]
+        for r in range(rounds):
+            data_dir, out_dir = os.path.join(tmp, f"data{r}"), os.path.join(keep_runs or tmp, f"ours{r}")
+            os.makedirs(os.path.join(data_dir, "shakespeare_char"))
+            shutil.copy(text, os.path.join(data_dir, "shakespeare_char"))
+            row = {"metric": "recipe_seconds", "shape": f"4x128x64 shakespeare_char round {r + 1}"}
+            for side in ("fast", "reference") if r % 2 == 0 else ("reference", "fast"):
+                if side == "fast":
+                    row["fast"], _ = timed([*OUR_CPU_COMMAND, f"--data_dir={data_dir}", f"--out_dir={out_dir}"],
+                                           ROOT, env)
+                else:
+                    # what nanoGPT's command leaves, so that it prepares afresh as we do and its checkpoint is new
+                    for path in ("data/shakespeare_char/train.bin", "data/shakespeare_char/val.bin",
+                                 "data/shakespeare_char/meta.pkl", "out-shakespeare-char/ckpt.pt"):
+                        if os.path.exists(os.path.join(nanogpt, path)):
+                            os.remove(os.path.join(nanogpt, path))
+                    prepare_s, _ = timed(NANOGPT_PREPARE, nanogpt)
+                    train_s, _ = timed(NANOGPT_CPU_COMMAND, nanogpt)
+                    row["reference"] = prepare_s + train_s
+            val = load_split(data_dir, "shakespeare_char", "val")
+            row["fast_val_loss"] = whole_split_loss(os.path.join(out_dir, "best_model.pt"), val)
+            row["reference_val_loss"] = whole_split_loss(os.path.join(nanogpt, "out-shakespeare-char", "ckpt.pt"), val)
+            row["ratio"] = row["reference"] / row["fast"]
+            rows.append(row)
+    rows.append({"metric": "recipe_seconds", "shape": f"4x128x64 median of {rounds} rounds",
+                 **{k: statistics.median(row[k] for row in rows)
+                    for k in ("fast", "reference", "ratio", "fast_val_loss", "reference_val_loss")}})
+    return rows
 
 
 def print_table(rows):
     """One line per measurement: the fast figure, the reference figure, and how many times better."""
     for r in rows:
         print(f"{r['metric']:<22} {r['shape']:<36} fast {r['fast']:>11,.1f}  reference {r['reference']:>11,.1f}"
-              f"  ratio {r['ratio']:5.2f}x")
+              f"  ratio {r['ratio']:5.2f}x" + (f"  whole-val loss fast {r['fast_val_loss']:.4f} reference "
+                                               f"{r['reference_val_loss']:.4f}" if "fast_val_loss" in r else ""))
 
 
 def main():
@@ -366,8 +420,9 @@ def main():
     p.add_argument("--recipe", action="store_true", help="only: time to val 1.88, ours vs nanoGPT's recipe")
     p.add_argument("--decode", action="store_true", help="only: decoding ms/token, default dtype vs float32")
     p.add_argument("--gpt2", action="store_true", help="only: training at the GPT-2 (124M) shape")
-    p.add_argument("--data_dir", default="data", help="for --recipe: where shakespeare_char is (or is made)")
-    p.add_argument("--keep_runs", help="for --recipe: keep the two runs in this folder (fast/, reference/)")
+    p.add_argument("--nanogpt", help="for --recipe: a checkout of github.com/karpathy/nanoGPT, run unmodified")
+    p.add_argument("--rounds", type=int, default=2, help="for --recipe: interleaved rounds; the last row is their median")
+    p.add_argument("--keep_runs", help="for --recipe: keep our runs in this folder (ours0/, ours1/, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     args = p.parse_args()
     if args.repeats < 1:
@@ -381,7 +436,12 @@ def main():
     if args.data:
         rows = bench_data(args.data_mb)
     elif args.recipe:
-        rows = bench_recipe(args.data_dir, args.keep_runs)
+        if not args.nanogpt:
+            raise UsageError("--recipe compares with nanoGPT's own code: give its checkout, --nanogpt=PATH "
+                             "(git clone https://github.com/karpathy/nanoGPT)")
+        if args.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
+        rows = bench_recipe(args.nanogpt, args.rounds, args.keep_runs)
     elif args.decode:
         rows = bench_decode(device, args.repeats)
     elif args.gpt2:

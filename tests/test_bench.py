@@ -53,13 +53,36 @@ def test_fast_and_reference_paths_agree_in_loss():
 
 
 def test_fast_path_is_float32_for_narrow_models_on_cpu():
-    assert fast_path("cpu", 128) == {"dtype": "float32", "compile": False}
-    wide = fast_path("cpu", 384)["dtype"]
     has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert wide == ("bfloat16" if has_bf16 else "float32")
+    native = "bfloat16" if has_bf16 else "float32"  # Muon orthogonalises in bfloat16 only where it is not emulated
+    assert fast_path("cpu", 128) == {"dtype": "float32", "compile": False, "muon_dtype": native}
+    assert fast_path("cpu", 384)["dtype"] == native
 
 
 def test_data_bench_reports_speed_and_memory_for_both_tokenizers():
     rows = bench.bench_data(megabytes=1)
     assert [r["shape"].split(", ")[1] for r in rows] == ["char", "gpt2"]
     assert all(r["fast"] > 0 and r["fast_peak_rss_mb"] > 0 for r in rows)
+
+
+def test_whole_split_loss_scores_each_non_overlapping_window_once_for_both_checkpoint_kinds(tmp_path):
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=11)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).eval()
+    save_checkpoint(str(tmp_path / "ours.pt"), {"model": model.state_dict()}, {"model_args": args})
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 5}, tmp_path / "nanogpt.pt")  # nanoGPT's layout
+    val = torch.randint(0, 11, (8 * 5 + 3,)).numpy().astype("uint16")  # 5 whole windows, 3 tokens left over
+    with torch.no_grad():
+        by_hand = [model(torch.from_numpy(val[i:i + 8].astype("int64"))[None],
+                         torch.from_numpy(val[i + 1:i + 9].astype("int64"))[None])[1].item() for i in range(0, 40, 8)]
+    for name in ("ours.pt", "nanogpt.pt"):
+        assert bench.whole_split_loss(tmp_path / name, val, block_size=8) == pytest.approx(sum(by_hand) / 5, rel=1e-6)
+
+
+def test_recipe_needs_a_nanogpt_checkout_and_says_so_in_one_line(tmp_path):
+    from conftest import run_script
+    result = run_script("bench.py", "--recipe", f"--nanogpt={tmp_path}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is not a nanoGPT checkout" in result.stderr and "git clone https://github.com/karpathy/nanoGPT" in result.stderr

@@ -168,6 +168,53 @@ def test_adamw_decays_matrices_and_embeddings_but_not_biases_or_gains(bias):
     assert len(decayed) + len(kept) == len(list(model.parameters()))  # each parameter exactly once
 
 
+# ---- Muon --------------------------------------------------------------------------------------
+
+
+def muon_runs(make_optimizer, steps=4):
+    """Three block-shaped matrices after `steps` updates from the same random gradients."""
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 32, requires_grad=True), torch.randn(32, 128, requires_grad=True),
+               torch.randn(32, 32, requires_grad=True)]
+    opt = make_optimizer(weights)
+    for _ in range(steps):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        opt.step()
+    return [w.detach() for w in weights]
+
+
+def test_muon_in_bfloat16_is_torch_optim_muon_step_for_step():
+    from model import Muon
+    ours = muon_runs(lambda ws: Muon(ws, lr=4e-3, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    torchs = muon_runs(lambda ws: torch.optim.Muon(ws, lr=4e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonalise_brings_every_singular_value_near_one(dtype):
+    from model import orthogonalise
+    torch.manual_seed(0)
+    for shape in ((96, 32), (32, 128)):
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+        g = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values from 0.1 to 10
+        s = torch.linalg.svdvals(orthogonalise(g, dtype).float())
+        assert orthogonalise(g, dtype).shape == shape and s.min() > 0.5 and s.max() < 1.3, s
+
+
+def test_muon_group_holds_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    adamw, muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", torch.float32)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    assert in_muon == sorted(n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n)
+    assert muon.ns_dtype == torch.float32
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert len(in_muon) + len(in_adamw) == len(names) and not set(in_muon) & set(in_adamw)
+
+
 # ---- autograd against finite differences -------------------------------------------------------
 
 
