@@ -424,6 +424,7 @@ def runnable_commands(lang, name):
             for argv in commands_of(body)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_runnable_commands_run(name, tmp_path):
     """Every `bash runnable` command of a chapter, in order, in one sandbox (zh has the same ones)."""
