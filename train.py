@@ -279,6 +279,9 @@ def run():
         if model.config.vocab_size != meta["vocab_size"]:
             raise UsageError(f"{init_from} has a vocabulary of {model.config.vocab_size}, the dataset "
                              f"'{dataset}' one of {meta['vocab_size']}; use a GPT-2 BPE dataset such as shakespeare")
+        if block_size > model.config.block_size:
+            raise UsageError(f"{init_from} was trained with {model.config.block_size} positions, fewer than "
+                             f"block_size={block_size}; use --block_size={model.config.block_size} or less")
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
         for key in ("n_layer", "n_head", "n_embd", "bias"):

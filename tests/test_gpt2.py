@@ -146,6 +146,16 @@ def test_train_from_local_hf_dir_then_generate(finetuned):
 
 
 @pytest.mark.slow
+def test_block_size_longer_than_the_pretrained_positions_is_one_line(finetuned):
+    root, _, _, _ = finetuned
+    result = run_script("train.py", "config/finetune_shakespeare.py", f"--init_from={root / 'gpt2-tiny'}",
+                        f"--data_dir={root / 'data'}", "--dataset=tiny", f"--out_dir={root / 'long'}",
+                        "--block_size=100", "--device=cpu")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "64 positions, fewer than block_size=100; use --block_size=64 or less" in result.stderr
+
+
+@pytest.mark.slow
 def test_exported_bpe_model_loads_in_transformers_with_our_logits(finetuned):
     root, out, _, _ = finetuned
     result = run_script("export.py", "--ckpt", out / "ckpt.pt", "--out", f"{root / 'hf_model'}/", check=True)
