@@ -167,9 +167,12 @@ def causal_mask_figure(trained, initial, idx, meta, out_dir):
     n = min(16, idx.size(1))
     chars = list(tokenizer_from(meta["tokenizer"]).decode(idx[0, :n].tolist()).replace("\n", "\u21b5"))
     mask = trained.transformer.h[0].attn.causal_mask[:n, :n]
-    panels = [(mask.float(), "causal_mask[:16, :16]\n(True = may look)", "Greys"),
-              (attention_weights(initial, idx[:, :n])[0][0], "head 0 of block 0, at initialisation:\nnearly uniform over the past", "Blues"),
-              (attention_weights(trained, idx[:, :n])[0][0], "the same head, trained:\nsharp, and still only the past", "Blues")]
+    trained_heads = attention_weights(trained, idx[:, :n])[0]  # (nh, n, n) of block 0
+    head = int(trained_heads.max(dim=-1).values.mean(dim=-1).argmax())  # the sharpest head once trained
+    panels = [(mask.float(), f"causal_mask[:{n}, :{n}]\n(True = may look)", "Greys"),
+              (attention_weights(initial, idx[:, :n])[0][head], f"head {head} of block 0, at initialisation:\n"
+               "nearly uniform over the past", "Blues"),
+              (trained_heads[head], "the same head, trained:\nsharp, and still only the past", "Blues")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=DPI)
     for ax, (image, title, cmap) in zip(axes, panels):
         ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=1)
@@ -187,7 +190,7 @@ def attention_maps_figure(trained, initial, idx, meta, out_dir, heads=4):
     chars = list(tokenizer_from(meta["tokenizer"]).decode(idx[0].tolist()).replace("\n", "\u21b5"))
     layers = sorted({0, trained.config.n_layer - 1})
     heads = min(heads, trained.config.n_head)
-    fig, axes = plt.subplots(2 * len(layers), heads, figsize=(3.4 * heads, 3.5 * 2 * len(layers)), dpi=DPI,
+    fig, axes = plt.subplots(2 * len(layers), heads, figsize=(3.2 * heads, 3.3 * 2 * len(layers)), dpi=DPI,
                              squeeze=False)
     weights = {"at initialisation": attention_weights(initial, idx), "trained": attention_weights(trained, idx)}
     row = 0
