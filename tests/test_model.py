@@ -156,3 +156,19 @@ def test_kv_cache_past_block_size_reprefills_last_half_window():
     assert out[0, 16].item() == logits[0, -1].argmax().item()
     logits, _ = model(out[:, 9:17])
     assert out[0, 17].item() == logits[0, -1].argmax().item()
+
+
+def test_training_forward_and_decode_step_are_each_one_graph_for_torch_compile():
+    """No graph breaks: torch.compile sees the whole training forward, and the whole decoding step."""
+    import torch._dynamo
+    from model import DecodeStep, KVCache
+    model = tiny_model(dropout=0.1)
+    x, y = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
+    explained = torch._dynamo.explain(model)(x, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    model.eval()
+    caches = [KVCache(32) for _ in range(2)]
+    with torch.no_grad():
+        model(x[:, :5], caches=caches, pos=torch.arange(5))
+        explained = torch._dynamo.explain(DecodeStep(model, caches, 2).forward)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
