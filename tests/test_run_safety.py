@@ -360,8 +360,9 @@ def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
 @pytest.mark.slow
 def test_gpu_recipe_on_a_cpu_points_to_the_cpu_recipe_before_its_first_eval(char_data, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # device='auto' finds no GPU, as on a laptop
+    # its model and batch size, a context the tiny corpus holds, and steps enough to be GPU-sized on any CPU
     process = start("config/shakespeare_char.py", f"--data_dir={char_data}", "--dataset=tiny",
-                    f"--out_dir={tmp_path / 'out'}", "--block_size=32")  # its model and batch size
+                    f"--out_dir={tmp_path / 'out'}", "--block_size=32", "--max_iters=1000000")
     try:
         output = read_until(process, "on this CPU a step takes about")
     finally:
