@@ -40,7 +40,8 @@ RECIPE = os.path.join(ROOT, "config", "shakespeare_char_cpu.py")
 
 
 def no_pos_emb(model):
-    """Position embeddings held at zero and never trained: the model gets no position signal."""
+    """Position embeddings held at zero and never trained: no learned position signal is left, only what
+    causal attention can infer (a position sees as many tokens as it is far from the start)."""
     nn.init.zeros_(model.transformer.wpe.weight)
     model.transformer.wpe.weight.requires_grad_(False)
 
@@ -124,7 +125,7 @@ ABLATIONS = {
     "no_weight_tying": ("weight tying", no_weight_tying, []),
     "no_scaled_init": ("the scaled init of residual projections", no_scaled_init, []),
     "no_causal_mask": ("the causal mask (a cheat, for chapter 8's exercise)", no_causal_mask, ["--attention=explicit"]),
-    "bigram": ("everything but the current token: a bigram model", bigram, []),
+    "bigram": ("all but the current token (a bigram model)", bigram, []),
 }
 
 
@@ -180,7 +181,7 @@ def sample(model, tokenizer, prompt="ROMEO:", tokens=200, seed=1337):
 def run_one(name, train_args):
     config = train_ablation(name, train_args)
     model, tokenizer = load_ablated(name, config["out_dir"])
-    result = {"ablation": name, "takes_away": ABLATIONS[name][0], "val_loss": final_val_loss(config["out_dir"]),
+    result = {"ablation": name, "val_loss": final_val_loss(config["out_dir"]),
               "params": model.num_params(), "command": " ".join(["python docs/ablations.py", name, *train_args]),
               "sample": sample(model, tokenizer)}
     with open(os.path.join(config["out_dir"], "ablation.json"), "w", encoding="utf-8") as f:
@@ -203,25 +204,25 @@ def report(folders, out):
     """A markdown table on stdout and a bar chart in `out`: each ablation's loss against the full model's."""
     results = read_results(folders)
     full = next((r["val_loss"] for r in results if r["ablation"] == "none"), None)
-    print("| taken away | parameters | val loss (whole split) | change |")
+    print("| taken away | parameters | val loss | change |")
     print("|---|---|---|---|")
     for r in sorted(results, key=lambda r: r["val_loss"]):
         change = f"{r['val_loss'] - full:+.3f}" if full is not None else ""
-        print(f"| {r['takes_away']} | {r['params']:,} | {r['val_loss']:.3f} | {change} |")
+        print(f"| {ABLATIONS[r['ablation']][0]} | {r['params']:,} | {r['val_loss']:.3f} | {change} |")
     import matplotlib
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
     shown = sorted(results, key=lambda r: r["val_loss"])
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.2), dpi=100)
     colours = ["tab:green" if r["ablation"] == "none" else "tab:grey" if r["ablation"] == "bigram" else "tab:blue"
                for r in shown]
-    ax.barh([r["takes_away"] for r in shown], [r["val_loss"] for r in shown], color=colours)
+    ax.barh([ABLATIONS[r["ablation"]][0] for r in shown], [r["val_loss"] for r in shown], color=colours)
     for i, r in enumerate(shown):
         ax.text(r["val_loss"], i, f" {r['val_loss']:.3f}", va="center", fontsize=8)
     if full is not None:
         ax.axvline(full, color="tab:green", linewidth=0.8, linestyle="--")
     ax.invert_yaxis()
-    ax.set_xlabel("val loss on the whole val split (nats per character)")
+    ax.set_xlabel("val loss at the last evaluation (nats per character)")
     ax.set_title("CPU recipe with one piece taken away", fontsize=10)
     ax.set_xlim(min(r["val_loss"] for r in shown) * 0.9, max(r["val_loss"] for r in shown) * 1.08)
     fig.tight_layout()
