@@ -125,7 +125,7 @@ ABLATIONS = {
     "no_weight_tying": ("weight tying", no_weight_tying, []),
     "no_scaled_init": ("the scaled init of residual projections", no_scaled_init, []),
     "no_causal_mask": ("the causal mask (a cheat, for chapter 8's exercise)", no_causal_mask, ["--attention=explicit"]),
-    "bigram": ("all but the current token (a bigram model)", bigram, []),
+    "bigram": ("all but the current token (a bigram model)", bigram, ["--optimizer=adamw"]),  # no blocks: nothing for Muon
 }
 
 
