@@ -1,11 +1,12 @@
-# The laptop recipe: a small character-level model that reaches val loss 1.88 in under two minutes on
-# a 2-core CPU. It is nanoGPT's baby recipe (4 x 4 x 128, block 64) tuned for time to that loss:
-# a 4x higher peak learning rate with a shorter warmup, batch 16, 1000 steps, and one evaluation at
-# the end instead of nine (docs chapter 4.2 has the measurements).
+# The laptop recipe: a small character-level model that gets below a val loss of 1.88 (on the whole val
+# split) in well under a minute on a 2-core CPU, in under half the time of nanoGPT's CPU command for the
+# same model (4 x 4 x 128, block 64). Muon on the blocks' matrices learns about twice as much per step as
+# AdamW here, and takes a peak learning rate of 1e-2 with 5 warmup steps, so 450 steps of 16 sequences
+# (0.46 million tokens) are enough; one evaluation, at the end (docs chapter 4.2 has the measurements).
 out_dir = "out-shakespeare-char-cpu"
 dataset = "shakespeare_char"
-eval_interval = 1000  # evaluate once, at the end: each evaluation costs as much as ~140 steps
-eval_iters = 200
+eval_interval = 450  # evaluate once, at the end
+eval_iters = 110  # 110 x 16 x 64 = 112,640 tokens: more than the val split's 111,540, so val is scored whole
 eval_at_start = False
 log_interval = 10
 always_save_checkpoint = False
@@ -17,12 +18,13 @@ block_size = 64
 batch_size = 16
 dropout = 0.0
 
-learning_rate = 4e-3
-max_iters = 1000
-lr_decay_iters = 1000
-min_lr = 4e-4
+optimizer = "muon"
+learning_rate = 1e-2
+max_iters = 450
+lr_decay_iters = 450
+min_lr = 1e-3
 beta2 = 0.99
-warmup_iters = 50
+warmup_iters = 5
 
 device = "cpu"
 compile = False
