@@ -172,3 +172,19 @@ def test_training_forward_and_decode_step_are_each_one_graph_for_torch_compile()
         model(x[:, :5], caches=caches, pos=torch.arange(5))
         explained = torch._dynamo.explain(DecodeStep(model, caches, 2).forward)()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_logits_on_cpu():
+    """generate.py --compile: the one-token step through torch.compile computes what the eager step does."""
+    from model import DecodeStep, KVCache
+    model = tiny_model().eval()
+    tokens = torch.randint(0, 65, (2, 12))
+    logits = {}
+    for compile in (False, True):
+        caches = [KVCache(32) for _ in range(2)]
+        with torch.no_grad():
+            model(tokens[:, :8], caches=caches, pos=torch.arange(8))
+            step = DecodeStep(model, caches, 2, compile=compile)
+            logits[compile] = torch.cat([step(tokens[:, p:p + 1], p) for p in range(8, 12)], dim=1)
+    assert (logits[True] - logits[False]).abs().max().item() < 1e-5
