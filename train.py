@@ -520,8 +520,8 @@ def run():
             loss_value, norm_value, run_now, longest, skipped_now = torch.stack(
                 [loss.detach().float() * accum_steps, grad_norm.float(), bad_run, longest_bad_run, skipped]).tolist()
             if skipped_now > skipped_reported:
-                report_skipped_steps(log, iter_num, loss_value, raw_model, int(run_now), int(skipped_now - skipped_reported),
-                                     first=skipped_reported == 0, scaler=scaler)
+                report_skipped_steps(log, iter_num, loss_value, raw_model, int(run_now),
+                                     int(skipped_now - skipped_reported), first=skipped_reported == 0, scaler=scaler)
                 skipped_reported = skipped_now
             if longest >= max_bad_steps:
                 progress.close()
