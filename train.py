@@ -439,7 +439,7 @@ def run():
         print(how_long(raw_model, X, Y, autocast, accum_steps, max_iters - iter_num, evals, 2 * eval_iters,
                        any_device=device == "auto"))
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    evals_without_gain, last_val, loss_avg, ratios, skipped_reported = 0, None, None, None, 0
+    evals_without_gain, last_val, loss_avg, ratios, skipped_reported, warned_peak = 0, None, None, None, 0, False
     # the NaN guard's counts live on the device (see step_unless_bad): the current and longest run of
     # non-finite steps in a row, and all skipped steps
     bad_run, longest_bad_run, skipped = (torch.zeros((), device=dev) for _ in range(3))
@@ -549,6 +549,10 @@ def run():
             ratios = None  # each measurement is logged once
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             log(format_log(entry))
+            if mfu and mfu > 1 and not warned_peak:  # more than the peak: the peak is wrong, not the step
+                log(f"warning: MFU above 100%: the cached matmul peak was measured while the machine was busy; "
+                    f"delete {PEAK_FLOPS_CACHE} to measure it again")
+                warned_peak = True
             record(entry)
             if loss_avg is not None and math.isfinite(loss_value) and loss_value > SPIKE_FACTOR * loss_avg:
                 log(f"warning: loss spike at iter {iter_num}: {loss_value:.3f} vs a recent average of "

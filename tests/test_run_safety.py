@@ -250,6 +250,18 @@ def test_train_divides_by_the_cached_peak(char_data, tmp_path):
         assert entry["mfu"] == pytest.approx(flops * entry["tokens_per_s"] / 1e12)
 
 
+def test_an_mfu_above_100_percent_names_the_stale_cached_peak_once(char_data, tmp_path):
+    cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({train.peak_cache_key("cpu", torch.float32): 1e3}))  # far below any real step
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                             *train_args(char_data, tmp_path / "out", "--max_iters=10")],
+                            cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert result.stdout.count("warning: MFU above 100%") == 1
+    assert f"delete {cache} to measure it again" in result.stdout
+
+
 # ---- 6. Ctrl-C ---------------------------------------------------------------------------------------
 
 
