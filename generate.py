@@ -31,8 +31,10 @@ def find_checkpoint(path):
     return newest
 
 
-def load_model(ckpt_path, device):
-    """The model and tokenizer a checkpoint describes, ready for inference."""
+def load_model(ckpt_path, device, dtype="float32"):
+    """The model and tokenizer a checkpoint describes, ready for inference on device in dtype ('auto':
+    train.py's fast path). Sampling needs no float32 master weights: the model runs in that dtype itself,
+    with no casts per step, and the weights are converted once, on their way to the device."""
     tensors, meta = load_checkpoint(ckpt_path)  # on the CPU: only the model's weights go to the device
     try:
         model = GPT(GPTConfig(**meta["model_args"]))
@@ -41,7 +43,9 @@ def load_model(ckpt_path, device):
     except (KeyError, TypeError, RuntimeError) as e:
         raise UsageError(f"'{ckpt_path}' does not hold a complete GlassGPT model ({str(e).splitlines()[0][:100]}); "
                          "use a checkpoint written by train.py")
-    return model.eval().to(device), tokenizer
+    device_type = "cuda" if device.startswith("cuda") else device
+    ptdtype = getattr(torch, pick_dtype(dtype, device_type, model.config.n_embd))
+    return model.eval().to(device=device, dtype=ptdtype), tokenizer
 
 
 def read_prompt(start):
@@ -89,11 +93,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     device = pick_device(args.device)
-    device_type = "cuda" if device.startswith("cuda") else device
-    model, tokenizer = load_model(find_checkpoint(args.ckpt), device)
-    ptdtype = getattr(torch, pick_dtype(args.dtype, device_type, model.config.n_embd))
-    # sampling needs no float32 master weights: run in the chosen dtype itself, with no casts per step
-    model = model.to(ptdtype)
+    model, tokenizer = load_model(find_checkpoint(args.ckpt), device, args.dtype)
     prompt = read_prompt(args.start)
     ids = tokenizer.encode(prompt)
     if not ids:
