@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x, cache=None, pos=None):
+    def forward(self, x, cache=None, pos=None, trace=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -82,10 +82,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v, pos)  # (B, nh, block_size, hs)
             mask = self.causal_mask[pos]  # (T, block_size): the query at position p sees keys 0..p
-        if self.attention == "sdpa":
+        if self.attention == "sdpa" and trace is None:
             y = self._sdpa(q, k, v, mask)
-        else:
-            y = self._explicit(q, k, v, mask)
+        else:  # tracing needs the weights, which only the explicit path has
+            y = self._explicit(q, k, v, mask, trace)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _explicit(self, q, k, v, mask):
+    def _explicit(self, q, k, v, mask, trace=None):
         """The textbook path the docs teach: softmax(q @ k^T / sqrt(hs), causal) @ v."""
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
@@ -104,6 +104,8 @@ class CausalSelfAttention(nn.Module):
             mask = self.causal_mask[:T, :S]  # (T, S)
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
+        if trace is not None:
+            trace["attention"].append(att)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
@@ -134,8 +136,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(self, x, cache=None, pos=None, trace=None):
+        x = x + self.attn(self.ln_1(x), cache, pos, trace)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -281,12 +283,14 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None, pos=None):
+    def forward(self, idx, targets=None, caches=None, pos=None, trace=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T), logits are (B, T, V) and loss is the mean cross-entropy (targets of
         -1 are ignored). Without targets only the last position is scored: logits (B, 1, V).
         caches: one KVCache per layer, for generation, with pos (T,) the positions of idx's tokens.
+        trace: a dict that, when given, gets 'residual' (the stream after the embeddings and after each
+        block, each (B, T, C)) and 'attention' (each layer's weights (B, nh, T, T), via _explicit).
         """
         B, T = idx.size()
         assert T <= self.config.block_size, f"cannot run {T} tokens at once, block_size is {self.config.block_size}"
@@ -295,8 +299,12 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)
+        if trace is not None:
+            trace.update(residual=[x], attention=[])
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None, pos)
+            x = block(x, caches[i] if caches else None, pos, trace)
+            if trace is not None:
+                trace["residual"].append(x)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
