@@ -455,6 +455,13 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), num_samples=1, generator=generator)
+
+
+def sampling_probs(logits, temperature, top_k=None, top_p=None):
+    """logits (B, V) -> the probabilities (B, V) sample_next draws from: temperature, top-k, softmax, top-p."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()  # greedy: all on the arg-max
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
@@ -462,7 +469,7 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     probs = F.softmax(logits, dim=-1)
     if top_p is not None:
         probs = top_p_filter(probs, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return probs
 
 
 def top_p_filter(probs, top_p):

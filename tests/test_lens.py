@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, sample_next, sampling_probs
 
 
 def tiny_model(attention="sdpa"):
@@ -37,3 +37,16 @@ def test_the_last_residual_through_the_head_is_the_models_prediction():
     logits, _ = model(torch.randint(0, 40, (1, 12)), trace=trace)
     lens = model.lm_head(model.transformer.ln_f(trace["residual"][-1]))  # (1, T, V)
     assert (lens[:, -1:] - logits).abs().max().item() < 1e-6  # the same maths on T rows instead of one
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.5, top_k=3),
+                                      dict(temperature=1.2, top_p=0.6), dict(temperature=0)])
+def test_sample_next_draws_from_sampling_probs(settings):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    probs = sampling_probs(logits, **settings)
+    assert torch.allclose(probs.sum(), torch.tensor(1.0))
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([sample_next(logits, generator=generator, **settings) for _ in range(2000)])
+    counts = torch.bincount(drawn.view(-1), minlength=5) / 2000
+    assert torch.equal(counts > 0, probs[0] > 0)  # never a token the distribution cuts, always the kept ones
+    assert (counts - probs[0]).abs().max().item() < 0.05
