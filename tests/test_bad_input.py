@@ -137,7 +137,3 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(workspace, name):
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout and "PWNED" not in result.stdout
     assert snapshot(root, out.parent) == before
-
-
-def test_there_are_at_least_thirty_bad_inputs():
-    assert len(CASE_NAMES) >= 30

@@ -29,9 +29,9 @@ def test_generation_and_eval_rows_compare_cache_and_modes():
     rows = bench.bench_generation("cpu", repeats=1, new_tokens=6, shape=TINY_SHAPE)
     assert [r["shape"] for r in rows] == ["tiny batch 1 short prompt", "tiny batch 1 half_block prompt",
                                           "tiny batch 8 short prompt", "tiny batch 8 half_block prompt"]
-    assert all(r["fast"] > 0 and r["reference"] > 0 for r in rows)
+    assert all(r["fast"] > 0 and r["ratio"] == pytest.approx(r["fast"] / r["reference"]) for r in rows)
     [row] = bench.bench_eval("cpu", repeats=1, eval_iters=2)
-    assert row["metric"] == "eval_pass_seconds" and row["ratio"] > 0
+    assert row["metric"] == "eval_pass_seconds" and row["ratio"] == pytest.approx(row["reference"] / row["fast"])
 
 
 def test_decode_rows_compare_the_default_dtype_with_float32_per_batch_size():

@@ -425,11 +425,9 @@ def runnable_commands(lang, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CHAPTERS)
+@pytest.mark.parametrize("name", [name for name in CHAPTERS if runnable_commands("en", name)])
 def test_runnable_commands_run(name, tmp_path):
     """Every `bash runnable` command of a chapter, in order, in one sandbox (zh has the same ones)."""
-    if not runnable_commands("en", name):
-        return
     folder = sandbox(tmp_path)
     for argv in runnable_commands("en", name):
         variables = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", a))

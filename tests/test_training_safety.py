@@ -162,7 +162,7 @@ def test_keep_last_n_keeps_only_the_newest_periodic_checkpoints(char_data, tmp_p
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == ["ckpt_0000015.pt", "ckpt_0000020.pt"]
 
 
-def test_nan_guard_skips_bad_steps_names_parameter_and_exits(char_data, tmp_path):
+def test_a_diverging_learning_rate_ends_in_exit_3_with_advice_and_the_checkpoint_kept(char_data, tmp_path):
     out = tmp_path / "out"
     run_script("train.py", *train_args(char_data, out, "--max_iters=10", "--eval_interval=5",
                                        "--always_save_checkpoint=True"), check=True)
@@ -175,16 +175,13 @@ def test_nan_guard_skips_bad_steps_names_parameter_and_exits(char_data, tmp_path
     assert "learning rate too high" in result.stdout
     assert result.stderr.strip().startswith("error: training stopped after 3 non-finite steps")
     assert "Traceback" not in result.stderr
-    assert sha(out / "ckpt.pt") == good
-    tensors, _ = load_checkpoint(out / "ckpt.pt")
-    assert all(torch.isfinite(t).all() for t in tensors["model"].values())
+    assert sha(out / "ckpt.pt") == good  # the skipped steps' weights are checked in test_step.py
 
 
 def test_health_figures_match_an_independent_computation(char_data, tmp_path):
     """Replay step 6 from the step-5 checkpoint by hand and compare with what train.py logged."""
     from data import get_batch, load_split
     from model import GPT, GPTConfig
-    from train import get_lr
     out = tmp_path / "out"
     run_script("train.py", *train_args(char_data, out, "--max_iters=6", "--eval_interval=5",
                                        "--always_save_checkpoint=True", "--grad_clip=0.5", "--keep_last_n=5",
@@ -207,7 +204,9 @@ def test_health_figures_match_an_independent_computation(char_data, tmp_path):
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
     torch.nn.utils.clip_grad_norm_(params, 0.5)
     before = [p.detach().clone() for p in params]
-    lr = get_lr(5, config["learning_rate"], config["warmup_iters"], config["lr_decay_iters"], config["min_lr"])
+    # the cosine schedule at iteration 5, written out: warmup_iters 5 are over, so it starts from its peak
+    progress = (5 - config["warmup_iters"]) / (config["lr_decay_iters"] - config["warmup_iters"])
+    lr = config["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (config["learning_rate"] - config["min_lr"])
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
