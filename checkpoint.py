@@ -13,6 +13,7 @@ import os
 import torch
 
 from configurator import UsageError
+from faults import removed_on_failure, writing
 
 FORMAT_VERSION = 1
 
@@ -20,21 +21,46 @@ FORMAT_VERSION = 1
 def save_checkpoint(path, tensors, meta):
     """Write tensors + meta to path atomically: a temp file in the same folder, fsync, rename.
 
-    A crash at any moment leaves the previous file at path intact."""
+    A crash at any moment leaves the previous file at path intact; a full disk, an unwritable folder or
+    Ctrl-C leaves no temp file either, and a full disk or an unwritable folder is one UsageError."""
     payload = dict(tensors, format_version=FORMAT_VERSION, meta=json.dumps(meta))
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with writing(path, kept="the previous checkpoint is kept"), removed_on_failure(tmp):
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            save_reporting_os_errors(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UsageError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is kept. "
-                         "Free some disk space or choose a writable out_dir") from e
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class ErrorKeepingFile:
+    """A file that keeps the OSError of a failed write: torch.save reports one only as a RuntimeError
+    about a zip offset ('unexpected pos'), which loses the reason (a full disk, say)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_reporting_os_errors(payload, f):
+    """torch.save(payload, f), but a failed write raises its own OSError."""
+    keeper = ErrorKeepingFile(f)
+    try:
+        torch.save(payload, keeper)
+    except RuntimeError as e:
+        if keeper.error is None:
+            raise
+        raise keeper.error from e
 
 
 def fsync_dir(folder):

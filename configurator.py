@@ -16,14 +16,36 @@ class UsageError(Exception):
     """Bad input from the user. Entry points print it as one line and exit with status 2."""
 
 
-def run_cli(main):
-    """Run main(); turn a UsageError into one line on stderr and exit status 2, not a traceback."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def run_cli(main, interrupted_hint=""):
+    """Run main() as a command-line tool: a UsageError is one line on stderr and exit status 2; Ctrl-C
+    (SIGINT) or SIGTERM is one line and exit status 130 or 143, after the `finally` blocks on the way
+    have removed what was half-written. interrupted_hint: what to do next, said on that line."""
+    import signal
     import sys
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        newline = "\n" if sys.stderr.isatty() else ""  # after the ^C (or a progress bar) on the terminal
+        print(f"{newline}interrupted by {signal.Signals(signum).name}{'; ' if interrupted_hint else ''}"
+              f"{interrupted_hint}", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 class ArgumentParser(argparse.ArgumentParser):

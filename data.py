@@ -26,6 +26,8 @@ import urllib.request
 import numpy as np
 
 from configurator import ArgumentParser, UsageError, run_cli
+from faults import removed_on_failure, writing
+from run_folder import remove_leftovers
 
 TRAIN_FRACTION = 0.9
 CHUNK_BYTES = 1 << 22  # text is read, tokenized and written 4 MiB at a time, never all at once
@@ -227,13 +229,15 @@ def find_known_source(name, data_dir):
 
 
 def write_atomically(path, data):
-    """Write bytes to path so that a crash leaves either the old file or the new one, never half."""
+    """Write bytes to path so that a crash leaves either the old file or the new one, never half; a full
+    disk or an interruption leaves no temporary file either."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path), removed_on_failure(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def read_text_chunks(path, progress=None):
@@ -314,7 +318,8 @@ def in_order(work, jobs, workers):
     # fork on Linux (Python 3.14 would pick a fork server): workers start at once with the parent's
     # GPT-2 tables, and their parent is this process; elsewhere the platform's default, spawn
     context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent)
+    try:
         pending = collections.deque()
         for job in jobs:
             pending.append(pool.submit(work, job))
@@ -322,12 +327,17 @@ def in_order(work, jobs, workers):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C the queued jobs are dropped, not done
 
 
 def exit_with_parent():
     """Worker start-up: leave once the parent is gone. A parent killed with -9 cannot stop its
-    workers, and they would wait for work forever."""
+    workers, and they would wait for work forever. Ctrl-C reaches every process of the terminal's
+    group: the parent handles it, so the workers ignore it (no traceback from each of them)."""
+    import signal
     import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch():
@@ -362,7 +372,6 @@ def scan_chars(path):
 
 def prepare(input_path, out_dir, tokenizer_kind, source=None):
     """Tokenize input_path into out_dir/{train.bin, val.bin, meta.json}; returns the meta dict."""
-    from tqdm import tqdm
     if not os.path.isfile(input_path):
         raise UsageError(f"input file '{input_path}' not found")
     if tokenizer_kind not in ("char", "gpt2"):
@@ -388,23 +397,9 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
         lookup = np.zeros(0x110000, dtype=np.uint16)
         lookup[[ord(c) for c in tokenizer.chars]] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
         stream = lambda bar: char_ids(read_text_chunks(input_path, bar), lookup)
-    # every id goes to one file first; the last 10% are then moved into val.bin
-    all_path = os.path.join(out_dir, f"all.bin.tmp{os.getpid()}")
-    with open(all_path, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing",
-                                           disable=None) as bar:
-        for ids in stream(bar):
-            out.write(ids.tobytes())
-    n_tokens = os.path.getsize(all_path) // 2
-    n_train = int(n_tokens * TRAIN_FRACTION)
-    val_tmp = os.path.join(out_dir, f"val.bin.tmp{os.getpid()}")
-    with open(all_path, "rb+") as f:
-        f.seek(2 * n_train)
-        with open(val_tmp, "wb") as val:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                val.write(block)
-        f.truncate(2 * n_train)
-    os.replace(all_path, os.path.join(out_dir, "train.bin"))
-    os.replace(val_tmp, os.path.join(out_dir, "val.bin"))
+    remove_leftovers(out_dir, DATA_LEFTOVER)
+    with writing(out_dir, kept="the dataset there is unchanged"):
+        n_tokens, n_train = write_splits(out_dir, stream, size)
     meta = {"source": source or os.path.abspath(input_path), "text_sha256": text_sha,
             "text_bytes": size, "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size,
             "train_tokens": n_train, "val_tokens": n_tokens - n_train}
@@ -412,6 +407,38 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
     print(f"prepared {out_dir}: {n_train:,} train and {n_tokens - n_train:,} val tokens, "
           f"vocab {tokenizer.vocab_size:,} ({tokenizer_kind})")
     return meta
+
+
+def write_splits(out_dir, stream, size):
+    """Write the ids of the stream as out_dir/train.bin (the first 90%) and val.bin (the rest); returns
+    (tokens, train tokens). The ids go to temporary files that replace the old bins only once complete."""
+    from tqdm import tqdm
+    # every id goes to one file first; the last 10% are then moved into val.bin
+    all_path = os.path.join(out_dir, f"all.bin.tmp{os.getpid()}")
+    val_tmp = os.path.join(out_dir, f"val.bin.tmp{os.getpid()}")
+    with removed_on_failure(all_path, val_tmp):
+        with open(all_path, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing",
+                                               disable=None) as bar:
+            for ids in stream(bar):
+                out.write(ids.tobytes())
+        n_tokens = os.path.getsize(all_path) // 2
+        n_train = int(n_tokens * TRAIN_FRACTION)
+        with open(all_path, "rb+") as f:
+            f.seek(2 * n_train)
+            with open(val_tmp, "wb") as val:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    val.write(block)
+            f.truncate(2 * n_train)
+        meta_path = os.path.join(out_dir, "meta.json")
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # old meta with new bins would describe the wrong ids: none until the new one
+        os.replace(all_path, os.path.join(out_dir, "train.bin"))
+        os.replace(val_tmp, os.path.join(out_dir, "val.bin"))
+    return n_tokens, n_train
+
+
+# what a killed preparation's temporary files look like (write_splits, write_atomically)
+DATA_LEFTOVER = re.compile(r"(?:all\.bin|val\.bin|meta\.json|input\.txt|progress\.tmp\.json)\.tmp(\d+)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,18 +610,30 @@ def resume_state(out_dir, source):
     """The progress record of an interrupted preparation of this same input, or a fresh one."""
     path = os.path.join(out_dir, PROGRESS_FILE)
     if not os.path.exists(path):
-        return {"input": source, "items": 0, "documents": 0, "train_tokens": 0, "val_tokens": 0}
+        return fresh_state(source)
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
     except ValueError:
         raise UsageError(f"{path} is not valid JSON; delete it to start the preparation over")
+    if state.get("input") != source and origin(state.get("input")) == origin(source):
+        print(f"note: {origin(source)} changed since its preparation here stopped; starting it over")
+        return fresh_state(source)
     if state.get("input") != source:
         raise UsageError(f"{out_dir} holds an unfinished preparation of another input ({state.get('input')}); "
                          f"run that command again to finish it, or delete {path} to start over")
     print(f"resuming: {state['documents']:,} documents, {state['train_tokens'] + state['val_tokens']:,} "
           "tokens already written")
     return state
+
+
+def fresh_state(source):
+    return {"input": source, "items": 0, "documents": 0, "train_tokens": 0, "val_tokens": 0}
+
+
+def origin(source):
+    """The folder or Hugging Face dataset a preparation reads, whatever its contents and options."""
+    return (source.get("folder") or source.get("hf")) if isinstance(source, dict) else None
 
 
 def open_at(path, size):
@@ -626,6 +665,7 @@ def prepare_corpus(items, out_dir, source, workers=None):
     gpt2_encoding()  # built once here: the forked workers inherit it
     source = {**source, "chunk_bytes": CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
     os.makedirs(out_dir, exist_ok=True)
+    remove_leftovers(out_dir, DATA_LEFTOVER)
     state = resume_state(out_dir, source)
     progress_path, meta_path = os.path.join(out_dir, PROGRESS_FILE), os.path.join(out_dir, "meta.json")
     write_atomically(progress_path, json.dumps(state).encode("utf-8"))  # the folder now says it is in the making
@@ -655,21 +695,51 @@ def prepare_corpus(items, out_dir, source, workers=None):
                 record()
                 last_record = time.monotonic()
     record()
+    if state["train_tokens"] and not state["val_tokens"]:
+        move_last_document_to_val(files, state, record)
     for f in files.values():
         f.close()
     documents = state["documents"]
     if documents == 0:
         raise UsageError(f"{source.get('folder') or source.get('hf')} holds no documents")
+    val_documents = documents // VAL_EVERY + (state.get("val_from_train") == "document")
     meta = {"source": source, "tokenizer": GPT2Tokenizer().describe(), "vocab_size": GPT2Tokenizer.vocab_size,
             "train_tokens": state["train_tokens"], "val_tokens": state["val_tokens"],
-            "train_documents": documents - documents // VAL_EVERY, "val_documents": documents // VAL_EVERY}
+            "train_documents": documents - val_documents, "val_documents": val_documents}
     write_atomically(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
     os.remove(progress_path)
     print(f"prepared {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens from "
           f"{documents:,} documents (GPT-2 BPE)")
-    if not meta["val_documents"]:
-        print(f"note: val.bin is empty: every {VAL_EVERY}th document goes there, and there are only {documents}")
+    if state.get("val_from_train"):
+        moved = "its last document" if state["val_from_train"] == "document" else "the last tenth of its one document"
+        print(f"note: every {VAL_EVERY}th document goes to val.bin, and there are only {documents}: "
+              f"{moved} went there instead")
     return meta
+
+
+def move_last_document_to_val(files, state, record):
+    """A corpus of fewer than VAL_EVERY documents has none for validation: the last one moves from the
+    end of train.bin to val.bin (a corpus of one document gives the last tenth of its ids), so that
+    train.py has a val split. Recorded before train.bin is cut, so a kill at any point resumes."""
+    train_ids = np.memmap(files["train"].name, dtype=np.uint16, mode="r", shape=(state["train_tokens"],))
+    eot = last_position(train_ids, gpt2_encoding().eot_token)  # where the last document begins, after it
+    train_end, val_start = (eot, eot + 1) if eot is not None else (int(len(train_ids) * TRAIN_FRACTION),) * 2
+    files["val"].write(train_ids[val_start:].tobytes())
+    state["train_tokens"], state["val_tokens"] = train_end, len(train_ids) - val_start
+    state["val_from_train"] = "document" if eot is not None else "tokens"
+    del train_ids
+    record()
+    files["train"].truncate(2 * train_end)
+
+
+def last_position(ids, value):
+    """The index of the last `value` in ids, or None; read from the end, CHUNK_BYTES at a time."""
+    step = CHUNK_BYTES // 2
+    for end in range(len(ids), 0, -step):
+        found = np.flatnonzero(ids[max(0, end - step):end] == value)
+        if len(found):
+            return max(0, end - step) + int(found[-1])
+    return None
 
 
 def folder_source(folder, paths, text_field):
@@ -724,7 +794,10 @@ def load_meta(data_dir, name):
 
 def load_split(data_dir, name, split):
     """The token ids of one split as a read-only memory map (the file is never loaded whole)."""
-    return np.memmap(os.path.join(data_dir, name, f"{split}.bin"), dtype=np.uint16, mode="r")
+    path = os.path.join(data_dir, name, f"{split}.bin")
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, dtype=np.uint16)  # a memory map cannot be empty; train.py then says what to do
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def get_batch(data, batch_size, block_size, device, generator=None):
@@ -787,10 +860,12 @@ def main():
     if (args.folder or args.hf) and args.tokenizer == "char":
         raise UsageError("--folder and --hf corpora are GPT-2 BPE (documents end at its end-of-text token); "
                          "drop --tokenizer char")
-    if args.folder:
-        prepare_folder(args.folder, out_dir, args.text_field)
-    elif args.hf:
-        prepare_hf(args.hf, out_dir, args.hf_config, args.hf_split, args.text_field)
+    if args.folder or args.hf:
+        with writing(out_dir, kept="what is written so far is kept, and the same command continues it"):
+            if args.folder:
+                prepare_folder(args.folder, out_dir, args.text_field)
+            else:
+                prepare_hf(args.hf, out_dir, args.hf_config, args.hf_split, args.text_field)
     elif args.input:
         prepare(args.input, out_dir, args.tokenizer or "char")
     elif args.name in KNOWN_DATASETS:
@@ -802,4 +877,5 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted_hint="run the same command again: a --folder or --hf corpus continues where "
+                                   "it stopped, an --input text starts over")

@@ -21,6 +21,7 @@ import psutil
 from filelock import lock_descriptor
 
 from configurator import UsageError
+from faults import writing
 
 LOCK_FILE = "train.lock"
 EARLIER_RUNS = "earlier-runs"
@@ -48,7 +49,8 @@ def lock_run_folder(out_dir):
     whose writer was killed is free to take, whatever it still says."""
     path = os.path.join(out_dir, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if not lock_descriptor(fd, blocking=False):
             holder = read_holder(fd).replace("\n", ": ") or "a process that is just starting"
             os.close(fd)
@@ -60,11 +62,16 @@ def lock_run_folder(out_dir):
     stale = read_holder(fd)
     if stale:
         print(f"note: took over {path} from a run that is no longer running ({stale.splitlines()[0]})")
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
     holder = (f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
               f"python {os.path.basename(sys.argv[0])} {' '.join(sys.argv[1:])}")  # who, then its command
-    os.write(fd, holder.encode("utf-8"))
+    try:
+        with writing(path):  # a full disk: one line, and no lock file left behind
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, holder.encode("utf-8"))
+    except BaseException:
+        release_lock(fd, path)
+        raise
     atexit.register(release_lock, fd, path)
 
 
@@ -83,11 +90,12 @@ def release_lock(fd, path):
     os.close(fd)
 
 
-def remove_leftovers(out_dir):
-    """Delete the temp files of atomic writes whose writing process is gone (killed mid-write)."""
+def remove_leftovers(out_dir, leftover=LEFTOVER):
+    """Delete the temp files of atomic writes whose writing process is gone (killed mid-write): the files
+    whose names `leftover` matches, its group 1 the writer's process id (data.py passes its own pattern)."""
     removed = []
     for name in sorted(os.listdir(out_dir)):
-        match = LEFTOVER.fullmatch(name)
+        match = leftover.fullmatch(name)
         if match and not psutil.pid_exists(int(match.group(1))):
             os.remove(os.path.join(out_dir, name))
             removed.append(name)

@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ import configurator
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UsageError
 from data import load_meta, load_split, windows_at
+from faults import writing
 from model import GPT, GPTConfig, measure_matmul_flops, published_peak_flops
 from run_folder import lock_run_folder, make_run_folder, remove_leftovers, set_aside_earlier_run
 
@@ -208,12 +210,13 @@ def run():
         dist.init_process_group(backend=("nccl" if dev.startswith("cuda") else "gloo")
                                 if backend == "auto" else backend)
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None  # for stop_agreed
         if gradient_accumulation_steps % world_size:
             raise UsageError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
                              f"divisible by the number of processes ({world_size})")
         accum_steps = gradient_accumulation_steps // world_size  # the global batch stays the same
     else:
-        rank, world_size, accum_steps = 0, 1, gradient_accumulation_steps
+        rank, world_size, accum_steps, stop_group = 0, 1, gradient_accumulation_steps, None
     master = rank == 0  # only this process logs, evaluates-and-saves and writes files
     if fsdp and not ddp:
         raise UsageError("fsdp=True shards the model across processes: launch it with "
@@ -380,7 +383,7 @@ def run():
     def record(entry):
         if not master:
             return
-        with open(metrics_path, "a", encoding="utf-8") as f:
+        with writing(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:  # a full disk: one line
             f.write(json.dumps(entry) + "\n")
         for sink in sinks:
             sink(entry)
@@ -558,11 +561,7 @@ def run():
                 log(f"warning: loss spike at iter {iter_num}: {loss_value:.3f} vs a recent average of "
                     f"{loss_avg:.3f} (learning rate too high? a bad batch?)")
             loss_avg = loss_value if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_value
-        if ddp and log_step:  # every process must stop after the same step, whichever got the signal
-            flag = torch.tensor(float(stop["signal"] or 0), device=dev)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop["signal"] = int(flag.item()) or None
-        if stop["signal"] is not None:
+        if stop_agreed(stop, ddp, stop_group):
             break
 
     progress.close()
@@ -584,6 +583,17 @@ def run():
             print(f"sample from it: python generate.py --ckpt {best}")
 
 
+def stop_agreed(stop, ddp, group):
+    """Whether to stop after this step. Under torchrun the processes agree after every step, whichever of
+    them got the signal, so that all stop after the same one; the flag is a CPU tensor all-reduced over
+    gloo (`group`), which never waits for the GPU."""
+    if ddp:
+        flag = torch.tensor([stop["signal"] or 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        stop["signal"] = int(flag) or None
+    return stop["signal"] is not None
+
+
 class EvalAbandoned(Exception):
     """A stop request during an evaluation: its batches so far are dropped and the run stops."""
 
@@ -600,22 +610,24 @@ def evals_ahead(start, max_iters, eval_interval, eval_first):
 
 
 def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any_device):
-    """One line: roughly how long the run will take here, from one timed training step and one timed
-    evaluation batch on the first batch. Weights, gradients and random state are left as they were.
+    """One line: roughly how long the run will take here, from the medians of a few timed training steps
+    and evaluation batches on the first batch (one step alone can be several times off on a busy CPU).
+    Weights, gradients and random state are left as they were.
     any_device: the recipe did not ask for a CPU (device='auto'), so it may well be sized for a GPU."""
-    with torch.random.fork_rng(devices=[]):  # dropout draws random numbers: training must not see them
-        with torch.inference_mode(), autocast:
-            model(X, Y)  # untimed: the first call pays for allocations and kernel selection
-        t0 = time.perf_counter()
+    def train_step():
         with autocast:
             _, loss = model(X, Y)
         loss.backward()
-        t1 = time.perf_counter()
+
+    def eval_batch():
         with torch.inference_mode(), autocast:
             model(X, Y)
-        t2 = time.perf_counter()
+
+    with torch.random.fork_rng(devices=[]):  # dropout draws random numbers: training must not see them
+        eval_batch()  # untimed: the first call pays for allocations and kernel selection
+        step_s = median_seconds(train_step) * accum_steps
+        batch_s = median_seconds(eval_batch)
     model.zero_grad(set_to_none=True)
-    step_s, batch_s = (t1 - t0) * accum_steps, t2 - t1
     total = steps * step_s + evals * eval_batches * batch_s
     line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
             f"evaluation{'s' * (evals != 1)} of up to {eval_batches} batches will take about {duration(total)}")
@@ -623,6 +635,19 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any
         line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
                  "a smaller model in minutes")
     return line
+
+
+TIMED_RUNS, TIMING_BUDGET_S = 5, 2.0  # a model whose step takes seconds is timed fewer times (at least once)
+
+
+def median_seconds(work):
+    """The median duration of up to TIMED_RUNS calls of work(), stopping early once TIMING_BUDGET_S is spent."""
+    times = []
+    while len(times) < TIMED_RUNS and sum(times) < TIMING_BUDGET_S:
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def duration(seconds):
