@@ -29,7 +29,7 @@ from run_folder import lock_run_folder, make_run_folder, remove_leftovers, set_a
 
 # -- defaults --
 # I/O
-out_dir = "out"
+out_dir = "out"  # where checkpoints and metrics.jsonl go
 replace_earlier_run = False  # a new run moves an earlier run's files to out_dir/earlier-runs/<time>/; True deletes them
 eval_interval = 2000  # evaluate (and maybe checkpoint) every this many iterations
 log_interval = 1  # print and record training figures every this many iterations
@@ -45,32 +45,32 @@ inspect = False  # run one batch, print a per-parameter gradient table, and exit
 tensorboard = False  # also log to TensorBoard (out_dir/tensorboard); needs `pip install tensorboard`
 keep_last_n = 0  # also keep ckpt_<iter>.pt from the last n evals; 0 = only ckpt.pt and best_model.pt
 wandb_log = False  # also log to Weights & Biases; needs `pip install wandb`
-wandb_project = "glassgpt"
-wandb_run_name = "run"
+wandb_project = "glassgpt"  # wandb project name
+wandb_run_name = "run"  # wandb run name
 # data
-dataset = "shakespeare_char"
+dataset = "shakespeare_char"  # the folder under data_dir
 data_dir = "data"  # datasets live in data_dir/<dataset>/
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 batch_size = 12  # sequences per micro-batch
 block_size = 1024  # context length in tokens
 # model
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block
+n_embd = 768  # width of the residual stream
+dropout = 0.0  # dropout probability in training
 bias = True  # biases in Linear layers and LayerNorms
 attention = "sdpa"  # 'sdpa' (fused) or 'explicit' (the maths the docs teach); same result
 # optimizer
 optimizer = "adamw"  # 'adamw', or 'muon': Muon (model.py) for the blocks' matrices, AdamW for the rest
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total optimizer steps
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1  # AdamW weight decay on matrices
+beta1 = 0.9  # AdamW first-moment decay
+beta2 = 0.95  # AdamW second-moment decay
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # learning-rate schedule: linear warmup, then cosine decay to min_lr
-decay_lr = True
-warmup_iters = 2000
+decay_lr = True  # warmup + cosine schedule; False = constant learning_rate
+warmup_iters = 2000  # linear warmup steps
 lr_decay_iters = 600000  # where the cosine reaches min_lr (usually = max_iters)
 min_lr = 6e-5  # usually learning_rate / 10
 # system
@@ -80,7 +80,7 @@ dtype = "auto"  # 'auto' (see fast_path), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model: True, False, or 'auto' (see fast_path: on CUDA, not on CPU)
 compile_mode = "default"  # torch.compile's mode; 'reduce-overhead' replays each step as CUDA graphs (one process)
 fsdp = False  # with torchrun: shard weights, gradients and optimizer state across processes (FSDP2)
-seed = 1337
+seed = 1337  # random seed
 # -- end of defaults --
 
 DEFAULTS = configurator.train_defaults()  # the block above, read as data
