@@ -9,7 +9,9 @@ way. So reading a config can never execute code, and every mistake is reported a
 import argparse
 import ast
 import difflib
+import io
 import os
+import tokenize
 
 
 class UsageError(Exception):
@@ -49,7 +51,15 @@ def run_cli(main, interrupted_hint=""):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one UsageError line rather than usage text plus an error."""
+    """argparse, but a bad flag is one UsageError line rather than usage text plus an error, and --help
+    shows every flag's default."""
+
+    def add_argument(self, *args, **kwargs):
+        default, text = kwargs.get("default"), kwargs.get("help")
+        shown = default is not None and default is not False and default != argparse.SUPPRESS  # not 0 == False
+        if shown and "%(default)" not in (text or ""):
+            kwargs["help"] = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
@@ -108,23 +118,14 @@ def check_type(key, value, default, source):
 
 
 def load_config(defaults, argv):
-    """defaults + optional config file (first argument not starting with --) + --key=value."""
+    """defaults + config files (arguments not starting with --) + flags, each on top of the last. A flag
+    is --key=value or --key value; a bare --key means True for a boolean (or 'auto') setting. --help
+    (or -h) prints every setting with its default and meaning, and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(train_help())
+        raise SystemExit(0)
     config = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--"):
-            if os.path.isdir(arg):
-                raise UsageError(f"'{arg}' is a folder, not a config file; name one file in it, such as "
-                                 "config/shakespeare_char_cpu.py")
-            if not os.path.isfile(arg):
-                raise UsageError(f"config file '{arg}' not found (see config/ for the shipped ones)")
-            with open(arg, encoding="utf-8") as f:
-                updates = literal_assignments(f.read(), arg)
-            source = arg
-        else:
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise UsageError(f"argument '{arg}' must look like --{key}=value")
-            updates, source = {key: parse_value(text)}, f"--{key}"
+    for source, updates in arguments(argv, defaults):
         for key, value in updates.items():
             if key not in defaults:
                 raise UsageError(f"unknown config key '{key}' in {source}{closest(key, list(defaults))}")
@@ -132,11 +133,89 @@ def load_config(defaults, argv):
     return config
 
 
+def arguments(argv, defaults):
+    """(source, {key: value}) for each config file and flag of argv, in order."""
+    i = 0
+    while i < len(argv):
+        arg, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        i += 1
+        if not arg.startswith("--"):
+            yield arg, read_config_file(arg)
+            continue
+        key, sep, text = arg[2:].partition("=")
+        if sep:
+            yield f"--{key}", {key: parse_value(text)}
+        elif key not in defaults:
+            raise UsageError(f"unknown config key '{key}' in {arg}{closest(key, list(defaults))}")
+        elif takes_value(defaults[key], following):
+            yield f"--{key}", {key: parse_value(following)}
+            i += 1
+        elif isinstance(defaults[key], bool) or defaults[key] == "auto":
+            yield f"--{key}", {key: True}  # a bare switch
+        else:
+            raise UsageError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE (default {defaults[key]!r})")
+
+
+def takes_value(default, following):
+    """Whether the argument after a bare --key is its value: not when there is none, or it is another
+    flag, or the key is a boolean and it is no boolean (then it is a config file after a switch)."""
+    if following is None or following.startswith("--"):
+        return False
+    return not isinstance(default, bool) or isinstance(parse_value(following), bool)
+
+
+def read_config_file(path):
+    if os.path.isdir(path):
+        raise UsageError(f"'{path}' is a folder, not a config file; name one file in it, such as "
+                         "config/shakespeare_char_cpu.py")
+    if not os.path.isfile(path):
+        raise UsageError(f"config file '{path}' not found (see config/ for the shipped ones)")
+    with open(path, encoding="utf-8") as f:
+        return literal_assignments(f.read(), path)
+
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def defaults_block():
+    """The source of train.py's defaults block, from '# -- defaults --' to '# -- end of defaults --'."""
+    with open(TRAIN_PY, encoding="utf-8") as f:
+        source = f.read()
+    return source[source.index("# -- defaults --"):source.index("# -- end of defaults --")]
+
+
 def train_defaults():
     """train.py's defaults, read from its source without running it (for docs, tests, bench.py)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    start = source.index("# -- defaults --")
-    end = source.index("# -- end of defaults --")
-    return literal_assignments(source[start:end], "train.py")
+    return literal_assignments(defaults_block(), "train.py")
+
+
+def documented_defaults():
+    """[(heading, key, default, meaning)] of train.py's defaults block, in its order: the `# heading` lines
+    and the comment after each value are the help text, so that --help and the block never disagree."""
+    source = defaults_block()
+    values = train_defaults()
+    keys = {node.lineno: node.targets[0].id for node in ast.parse(source).body if isinstance(node, ast.Assign)}
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    rows, heading = [], ""
+    for line in sorted(set(keys) | set(comments)):
+        if line in keys:
+            rows.append((heading, keys[line], values[keys[line]], comments.get(line, "")))
+        elif not comments[line].startswith("--"):  # (not the block's own marker)
+            heading = comments[line]
+    return rows
+
+
+def train_help():
+    """What train.py --help prints: how to pass settings, then every setting, its default and meaning."""
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value | --key value | --switch ...]", "",
+             "Train a GPT. Settings: the defaults below, then each config file (config/*.py, `name = value`",
+             "lines), then each flag. A bare --switch means True for a True/False setting.", ""]
+    heading = None
+    for section, key, default, meaning in documented_defaults():
+        if section != heading:
+            title = section if ":" in section else f"{section}:"
+            lines += ["", title] if heading is not None else [title]
+            heading = section
+        lines.append(f"  --{key:<28} {default!r:<20} {meaning}".rstrip())
+    return "\n".join(lines)

@@ -847,7 +847,7 @@ def main():
     parser.add_argument("--input", help="a UTF-8 text file (omit for the known datasets)")
     parser.add_argument("--name", required=True, help="dataset name: data/<name>/ is written")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char, or the known dataset's")
-    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--data_dir", default="data", help="where datasets live")
     parser.add_argument("--folder", help="a folder of .txt files (one document each) and .jsonl files (one per line)")
     parser.add_argument("--hf", help="a Hugging Face dataset name, streamed (needs: pip install datasets)")
     parser.add_argument("--hf_config", help="with --hf: the dataset's configuration (subset), if it has several")
