@@ -1,0 +1,164 @@
+"""Mutation check: does the test suite notice the bugs a change to the code is likely to make?
+
+Each mutation below is one realistic one-line bug. For each, the repository (as git sees it, with
+uncommitted changes) is copied to a scratch folder, the bug is applied there, and the suite runs until
+its first failure, the mutation's own likely test files first. A mutation the suite passes is MISSED.
+The docs test that matches quoted code text is left out: a bug must be caught by a behaviour, not by a
+changed quote.
+
+    python tools/mutate.py             # every mutation against the whole suite
+    python tools/mutate.py --fast      # against the not-slow suite (the edit-test loop)
+    python tools/mutate.py --only 3,7  # some of them; --list prints them all
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUOTE_TEST = "tests/test_docs.py::test_code_excerpts_still_appear_in_the_code"
+
+# (file, the exact text to change, what it becomes, the bug in words, test files to run first)
+MUTATIONS = [
+    ("train.py", "bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))",
+     "bad = ~torch.isfinite(loss.detach())", "the NaN guard checks only the loss", ["test_step"]),
+    ("train.py", "step_unless_bad(optimizers, scaler, bad, skip_on_device)",
+     "step_unless_bad(optimizers, scaler, torch.zeros_like(bad), skip_on_device)",
+     "the NaN guard disabled (an all-false mask)", ["test_step"]),
+    ("train.py", "                    if improved:\n                        save_checkpoint(",
+     "                    if True:\n                        save_checkpoint(",
+     "best_model.pt written at every evaluation", ["test_step"]),
+    ("train.py", "loss = loss / accum_steps", "loss = loss",
+     "gradient accumulation does not divide the loss", ["test_step"]),
+    ("train.py", "grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)",
+     "grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])",
+     "clipping only measures the norm", ["test_step"]),
+    ("train.py", '**rng_state(batch_state["next_step"])', "**rng_state(batch_rng.get_state())",
+     "resume restores the batch RNG from the wrong state", ["test_step"]),
+    ("train.py", "opt.zero_grad(set_to_none=True)", "pass",
+     "gradients are never zeroed between steps", ["test_step"]),
+    ("train.py", "return learning_rate * (it + 1) / (warmup_iters + 1)", "return learning_rate * it / warmup_iters",
+     "warmup starts at a learning rate of 0", ["test_correctness"]),
+    ("train.py", "return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)",
+     "return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * learning_rate",
+     "the cosine decays from learning_rate + min_lr", ["test_correctness"]),
+    ("train.py", "elif entry is not None and entry[\"iter\"] <= upto:", "elif entry is not None and entry[\"iter\"] < upto:",
+     "resume drops the checkpoint's own metrics line", ["test_step", "test_training_safety"]),
+    ("model.py", 'nn.GELU(approximate="tanh")', "nn.GELU()", "the MLP's GELU exact instead of tanh", ["test_model"]),
+    ("model.py", "x = x + self.mlp(self.ln_2(x))", "x = x + self.mlp(x)", "the block skips ln_2", ["test_model"]),
+    ("model.py", "x = x + self.attn(self.ln_1(x), cache, pos, trace)", "x = self.attn(self.ln_1(x), cache, pos, trace)",
+     "attention without its residual connection", ["test_model"]),
+    ("model.py", "att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))", "att = q @ k.transpose(-2, -1)",
+     "explicit attention without 1/sqrt(hs)", ["test_model"]),
+    ("model.py", "return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)",
+     "return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)", "fused attention sees the future",
+     ["test_model"]),
+    ("model.py", "x = self.transformer.drop(tok_emb + pos_emb)", "x = self.transformer.drop(tok_emb)",
+     "position embeddings left out", ["test_model"]),
+    ("model.py", "logits = self.lm_head(x[:, -1:, :])", "logits = self.lm_head(x[:, :1, :])",
+     "inference scores the first position, not the last", ["test_model"]),
+    ("model.py", "logits = logits.float() / temperature", "logits = logits.float() * temperature",
+     "temperature multiplies the logits", ["test_model"]),
+    ("model.py", "kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]",
+     "kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [0]]", "top-k keeps only the top token",
+     ["test_model"]),
+    ("model.py", "sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)",
+     "sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)", "top-p keeps one token too many at the edge",
+     ["test_model"]),
+    ("model.py", "logits = step(idx[:, -1:], pos)", "logits = step(idx[:, -1:], pos + 1)",
+     "the KV cache position advanced one step early", ["test_model"]),
+    ("model.py", "logits, _ = self(idx[:, -block_size:])", "logits, _ = self(idx[:, :block_size])",
+     "the uncached path crops to the first block_size tokens", ["test_model"]),
+    ("model.py", "if caches is None else block_size // 2", "if caches is None else block_size // 4",
+     "the cache's re-prefill keeps a quarter window", ["test_model"]),
+    ("model.py", 'no_decay = [p for n, p in params.items() if p.dim() < 2]',
+     'no_decay = [p for n, p in params.items() if p.dim() < 1]', "biases and gains lose their AdamW group",
+     ["test_correctness"]),
+    ("model.py", "nn.init.normal_(module.weight, mean=0.0, std=0.02)\n            if module.bias",
+     "nn.init.normal_(module.weight, mean=0.0, std=0.2)\n            if module.bias", "Linear weights drawn 10x too wide",
+     ["test_model"]),
+    ("model.py", "ours[key] = value.t() if key.endswith(HF_TRANSPOSED) else value", "ours[key] = value",
+     "Hugging Face import forgets the Conv1D transposes", ["test_gpt2"]),
+    ("data.py", "return rows[:, :-1], rows[:, 1:].contiguous()", "return rows[:, :-1], rows[:, :-1].contiguous()",
+     "targets are the inputs, not the next tokens", ["test_data", "test_step"]),
+    ("data.py", "TRAIN_FRACTION = 0.9", "TRAIN_FRACTION = 0.5", "half the text goes to validation",
+     ["test_data", "test_pipeline"]),
+    ("generate.py", "newest = max(found, key=os.path.getmtime)", "newest = min(found, key=os.path.getmtime)",
+     "find_checkpoint picks the oldest checkpoint", ["test_pipeline"]),
+    ("checkpoint.py", "        os.replace(tmp, path)\n", "        os.replace(tmp, path)\n        os.remove(path)\n",
+     "a checkpoint is deleted right after it is written", ["test_step"]),
+]
+
+
+def scratch_copy(dest):
+    """The files git knows of (tracked, and untracked but not ignored), as they are on disk now."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(dest, name))
+
+
+def apply(folder, path, old, new):
+    target = os.path.join(folder, path)
+    with open(target, encoding="utf-8") as f:
+        text = f.read()
+    if text.count(old) != 1:
+        raise SystemExit(f"error: {path} holds {text.count(old)} copies of {old!r}, not one; update tools/mutate.py")
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(text.replace(old, new))
+
+
+def run_suite(folder, focus, fast):
+    """(caught, the first failing test and its first assertion line)."""
+    tests = sorted(f[:-3] for f in os.listdir(os.path.join(folder, "tests")) if re.fullmatch(r"test_\w+\.py", f))
+    order = [t for t in focus if t in tests] + [t for t in tests if t not in focus]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--deselect", QUOTE_TEST,
+               *(["-m", "not slow"] if fast else []), *[f"tests/{t}.py" for t in order]]
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
+    reason = re.search(r"^E +(.+)$", result.stdout, re.M)
+    if result.returncode == 0:
+        return False, ""
+    return True, (failed.group(1) if failed else f"pytest exit {result.returncode}") + (
+        f"  [{reason.group(1)[:90]}]" if reason else "")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Apply one-line bugs to scratch copies and run the suite on each.")
+    p.add_argument("--fast", action="store_true", help="run the not-slow suite only")
+    p.add_argument("--only", default=None, help="comma-separated mutation numbers (from --list)")
+    p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    args = p.parse_args()
+    chosen = [int(n) for n in args.only.split(",")] if args.only else range(1, len(MUTATIONS) + 1)
+    if args.list:
+        for n, (path, _, _, what, _) in enumerate(MUTATIONS, start=1):
+            print(f"{n:3d}  {path:<14} {what}")
+        return
+    start, missed = time.perf_counter(), []
+    for n in chosen:
+        path, old, new, what, focus = MUTATIONS[n - 1]
+        with tempfile.TemporaryDirectory(prefix="mutant-") as folder:
+            scratch_copy(folder)
+            apply(folder, path, old, new)
+            t0 = time.perf_counter()
+            caught, by = run_suite(folder, focus, args.fast)
+        print(f"{n:3d} {'caught' if caught else 'MISSED'} {time.perf_counter() - t0:5.0f} s  {what}"
+              + (f"\n      by {by}" if caught else ""), flush=True)
+        if not caught:
+            missed.append(n)
+    total = len(list(chosen))
+    print(f"score: {total - len(missed)}/{total} caught ({'not-slow' if args.fast else 'whole'} suite, "
+          f"{time.perf_counter() - start:.0f} s)" + (f"; missed: {', '.join(map(str, missed))}" if missed else ""))
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
