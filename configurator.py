@@ -219,3 +219,54 @@ def train_help():
             heading = section
         lines.append(f"  --{key:<28} {default!r:<20} {meaning}".rstrip())
     return "\n".join(lines)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def check_train_config(c):
+    """Values that have the right type but cannot work, reported before anything is built."""
+    positive = ("eval_interval", "log_interval", "monitor_interval", "eval_iters", "gradient_accumulation_steps",
+                "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_bad_steps")
+    for key in positive:
+        if c[key] < 1:
+            raise UsageError(f"'{key}' must be at least 1, got {c[key]}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "patience", "weight_decay", "grad_clip", "min_lr",
+                "keep_last_n"):
+        if c[key] < 0:
+            raise UsageError(f"'{key}' must not be negative, got {c[key]}")
+    if c["n_embd"] % c["n_head"]:
+        raise UsageError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise UsageError(f"dropout must be in [0, 1), got {c['dropout']}")
+    if c["learning_rate"] <= 0:
+        raise UsageError(f"learning_rate must be positive, got {c['learning_rate']}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= c[key] < 1.0:
+            raise UsageError(f"{key} must be in [0, 1), got {c[key]}")
+    if c["optimizer"] not in ("adamw", "muon"):
+        raise UsageError(f"optimizer must be 'adamw' or 'muon', got {c['optimizer']!r}"
+                         f"{closest(c['optimizer'], ['adamw', 'muon'])}")
+    if c["attention"] not in ("sdpa", "explicit"):
+        raise UsageError(f"attention must be 'sdpa' or 'explicit', got {c['attention']!r}")
+    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
+    if c["compile_mode"] not in COMPILE_MODES:
+        raise UsageError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {c['compile_mode']!r}"
+                         f"{closest(c['compile_mode'], COMPILE_MODES)}")
+    if c["compile"] not in (True, False, "auto"):
+        raise UsageError(f"compile must be True, False or 'auto', got {c['compile']!r}")
+    if c["backend"] not in ("auto", "nccl", "gloo"):
+        raise UsageError(f"backend must be 'auto', 'nccl' or 'gloo', got {c['backend']!r}")
+    init = c["init_from"]
+    if init not in INIT_CHOICES and not os.path.isdir(init):
+        raise UsageError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a Hugging Face model "
+                         f"directory, got {init!r}{closest(init, INIT_CHOICES)}")
+    if c["fsdp"] and c["inspect"]:
+        raise UsageError("inspect=True runs in one process; drop fsdp=True (and torchrun) for it")
+
+def first_line(error, width=120):
+    """An exception's message cut to its first line and `width` characters, for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:width] if text else type(error).__name__

@@ -4,7 +4,7 @@ Export a GlassGPT checkpoint as a Hugging Face GPT-2 model directory.
     python export.py --ckpt out-shakespeare/best_model.pt --out hf_model/
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_model')"
 
-Our module names are GPT-2's, so the weights copy key by key (model.py: ours_to_hf transposes the
+Our module names are GPT-2's, so the weights copy key by key (hf.py: ours_to_hf transposes the
 four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model
 gets char_vocab.json ({character: id}), since transformers has no character tokenizer for GPT-2.
 The directory is written in a temporary folder and renamed into place, so a failed export never
@@ -18,10 +18,10 @@ import shutil
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from checkpoint import load_checkpoint
+from checkpoint import model_from_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
 from data import gpt2_hf_tokenizer
-from model import GPT, GPTConfig, ours_to_hf
+from hf import ours_to_hf
 
 
 def hf_config(model_args, tokenizer):
@@ -97,24 +97,13 @@ def export(ckpt_path, out, force=False):
     """Write the checkpoint's model (and tokenizer) to out as a Hugging Face directory."""
     out = os.path.normpath(out)
     check_out_dir(out, force)
-    tensors, meta = load_checkpoint(ckpt_path)
-    model_args, tokenizer = meta.get("model_args", {}), meta.get("tokenizer", {})
+    model, _, meta = model_from_checkpoint(ckpt_path)
+    model_args, tokenizer, state = meta["model_args"], meta["tokenizer"], model.state_dict()
     if model_args.get("bias") is False:
         raise UsageError(f"'{ckpt_path}' is a bias=False model, which Hugging Face GPT-2 cannot express "
                          "(its layers always have biases); train with --bias=True to export")
-    try:
-        state = tensors["model"]
-        model = GPT(GPTConfig(**model_args)).eval()
-        model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise UsageError(f"'{ckpt_path}' does not hold a complete GlassGPT model ({reason}); "
-                         "use a checkpoint written by train.py")
-    if tokenizer.get("kind") not in ("char", "gpt2"):
-        raise UsageError(f"'{ckpt_path}' names no known tokenizer ({tokenizer!r}); "
-                         "use a checkpoint written by train.py")
     hf = to_hf(model_args, state, tokenizer)
-    diff = check_same_logits(model, hf)
+    diff = check_same_logits(model.eval(), hf)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")

@@ -40,3 +40,47 @@ def removed_on_failure(*paths):
             if os.path.exists(path):
                 os.remove(path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """A file object whose contents appear at path all at once, or not at all: it is written to a temp file
+    beside path, flushed to disk (fsync) and renamed over path; if the block fails or is interrupted, the
+    temp file is removed and path is as it was. Every file GlassGPT writes goes through here."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with removed_on_failure(tmp):
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(folder):
+    """Make a rename in folder durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(out_dir, leftover):
+    """Delete the temp files of atomic writes whose writing process is gone (killed mid-write): the files
+    whose names `leftover` matches, its group 1 the writer's process id (run_folder.LEFTOVER for a run
+    folder, data.DATA_LEFTOVER for a dataset)."""
+    import psutil
+    removed = []
+    for name in sorted(os.listdir(out_dir)):
+        match = leftover.fullmatch(name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    if removed:
+        print(f"removed {len(removed)} half-written file(s) of a killed run from {out_dir}: {', '.join(removed)}")

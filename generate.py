@@ -10,11 +10,9 @@ import os
 import sys
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import model_from_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
-from data import tokenizer_from
-from model import GPT, GPTConfig
-from train import pick_device, pick_dtype
+from devices import device_type, pick_device, pick_dtype
 
 
 def find_checkpoint(path):
@@ -35,16 +33,8 @@ def load_model(ckpt_path, device, dtype="float32"):
     """The model and tokenizer a checkpoint describes, ready for inference on device in dtype ('auto':
     train.py's fast path). Sampling needs no float32 master weights: the model runs in that dtype itself,
     with no casts per step, and the weights are converted once, on their way to the device."""
-    tensors, meta = load_checkpoint(ckpt_path)  # on the CPU: only the model's weights go to the device
-    try:
-        model = GPT(GPTConfig(**meta["model_args"]))
-        model.load_state_dict(tensors["model"])
-        tokenizer = tokenizer_from(meta["tokenizer"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"'{ckpt_path}' does not hold a complete GlassGPT model ({str(e).splitlines()[0][:100]}); "
-                         "use a checkpoint written by train.py")
-    device_type = "cuda" if device.startswith("cuda") else device
-    ptdtype = getattr(torch, pick_dtype(dtype, device_type, model.config.n_embd))
+    model, tokenizer, _ = model_from_checkpoint(ckpt_path)  # on the CPU: only the weights go to the device
+    ptdtype = getattr(torch, pick_dtype(dtype, device_type(device), model.config.n_embd))
     return model.eval().to(device=device, dtype=ptdtype), tokenizer
 
 

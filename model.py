@@ -1,7 +1,9 @@
 """
-The GPT model in one file. Read it top to bottom: LayerNorm -> attention -> MLP -> Block ->
-GPTConfig -> GPT. Shapes use B = batch, T = sequence length, C = n_embd, nh = n_head,
-hs = head size (C // nh), V = vocab size.
+The GPT model in one file. Read it top to bottom: LayerNorm -> KV cache -> attention -> MLP -> Block ->
+GPTConfig -> GPT (init, forward, surgery, from_pretrained, optimizers, MFU, generate) -> sampling.
+Shapes use B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
+V = vocab size. What only makes it fast or connects it elsewhere lives beside it: optim.py (Muon),
+decoding.py (CUDA-graph decoding), hf.py (Hugging Face weights), mfu.py (the peak FLOP/s).
 """
 
 import inspect
@@ -12,14 +14,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import UsageError
+from decoding import DecodeStep
+from optim import Muon
 
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm whose bias can be switched off (PyTorch's nn.LayerNorm always has one)."""
+    """Each token's vector scaled to mean 0 and variance 1, then by a learned gain plus an optional bias:
+    nn.LayerNorm(ndim, bias=bias) computes the same; written here, its two parameters are on the page."""
 
     def __init__(self, ndim, bias):
         super().__init__()
@@ -154,95 +158,6 @@ class GPTConfig:
     attention: str = "sdpa"  # 'sdpa' (fused kernel) or 'explicit' (the maths written out)
 
 
-# Peak dense matmul throughput (FLOP/s) of known GPUs, from their vendors' data sheets, used for MFU.
-PUBLISHED_PEAK_FLOPS = {
-    ("A100", torch.bfloat16): 312e12, ("A100", torch.float16): 312e12, ("A100", torch.float32): 19.5e12,
-    ("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
-    ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12,
-    ("V100", torch.float16): 125e12, ("V100", torch.float32): 15.7e12,
-    ("T4", torch.float16): 65e12, ("T4", torch.float32): 8.1e12,
-    ("L4", torch.bfloat16): 121e12, ("L4", torch.float16): 121e12, ("L4", torch.float32): 30e12,
-    ("4090", torch.bfloat16): 165e12, ("4090", torch.float16): 165e12, ("4090", torch.float32): 82.6e12,
-}
-
-
-def published_peak_flops(device_name, dtype):
-    """The data-sheet peak for a known GPU name (e.g. 'NVIDIA H100 80GB HBM3'), else None."""
-    for (gpu, peak_dtype), flops in PUBLISHED_PEAK_FLOPS.items():
-        if gpu in device_name and peak_dtype == dtype:
-            return flops
-    return None
-
-
-def measure_matmul_flops(device, dtype, seconds=2.0):
-    """The best FLOP/s of square matmuls repeated for `seconds` on this device: the peak for MFU where
-    no data sheet applies. The best, not the mean, because other programs can only slow a matmul down."""
-    import time
-    n = 4096 if device.startswith("cuda") else 1024  # large enough to keep the device busy
-    rng = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG untouched
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
-    a @ b  # the first call pays for thread start-up and kernel selection
-    best, spent, repeats = float("inf"), 0.0, 0
-    while spent < seconds or repeats < 3:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
-    return 2 * n ** 3 / best
-
-
-# torch.optim.Muon's quintic Newton-Schulz coefficients: five steps take every singular value of a
-# normalised matrix to roughly 0.7..1.2, which trains as well as exactly 1 and costs far less than an SVD
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS_STEPS = 5
-
-
-def orthogonalise(g, dtype):
-    """g (m, n) -> about U V^T, where U S V^T is g's SVD: the same directions, every singular value near 1."""
-    a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T  # (n, m): iterate on the wide side, so that the Gram matrix is the smaller one
-    x = x / x.norm().clamp(min=1e-7)  # Frobenius norm 1 keeps every singular value in the iteration's range
-    for _ in range(NS_STEPS):
-        gram = x @ x.T  # (m, m)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (aI + bG + cG^2) x
-    return x.T if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update, step for step, with the Newton-Schulz iteration in a dtype of our choice:
-    Nesterov momentum, then each matrix's update orthogonalised and scaled to AdamW's update size
-    (torch's adjust_lr_fn='match_rms_adamw'). torch.optim.Muon always orthogonalises in bfloat16, which a
-    CPU without bfloat16 instructions emulates about ten times slower than float32 (fast_path picks)."""
-
-    def __init__(self, params, lr, weight_decay, momentum=0.95, ns_dtype=torch.bfloat16):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        self.ns_dtype = ns_dtype
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf = self.state[p]["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = orthogonalise(p.grad.lerp(buf, group["momentum"]), self.ns_dtype)  # Nesterov
-                # an orthogonal (m, n) update has entries of RMS 1/sqrt(max(m, n)): this makes it AdamW's ~0.2
-                scale = 0.2 * math.sqrt(max(p.shape))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -323,18 +238,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """Load GPT-2 weights from Hugging Face (a hub name or a local save_pretrained directory)."""
-        override_args = override_args or {}
-        assert set(override_args) <= {"dropout", "attention"}, override_args
-        from transformers import GPT2Config, GPT2LMHeadModel
-        refuse_gpt2_variants(GPT2Config.from_pretrained(name_or_path), name_or_path)
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        hc = hf.config
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_embd=hc.n_embd, bias=True, **override_args)
-        model = cls(config)
-        model.load_state_dict(hf_to_ours(hf.state_dict()))
-        return model
+        """GPT-2 weights from Hugging Face (a hub name or a local save_pretrained directory), via hf.py."""
+        from hf import gpt2_from_hf
+        return gpt2_from_hf(name_or_path, override_args)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_dtype=torch.bfloat16):
@@ -399,56 +305,13 @@ class GPT(nn.Module):
                 caches = caches or [KVCache(block_size) for _ in range(self.config.n_layer)]
                 positions = torch.arange(pos, device=idx.device)  # (pos,): the window restarts at 0
                 logits, _ = self(idx[:, -pos:], caches=caches, pos=positions)
-                step = step or DecodeStep(self, caches, idx.size(0), compile)
+                step = step or DecodeStep(self, caches, idx.size(0), compile)  # decoding.py
             else:
                 logits = step(idx[:, -1:], pos)  # the newest token, at position pos
                 pos += 1
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
-
-
-class DecodeStep:
-    """The one-token step of cached generation: ids (B, 1) at position pos -> logits (B, 1, V).
-
-    Its inputs live in fixed buffers and its shapes never change, so on CUDA it is recorded once as a
-    CUDA graph and then replayed: one launch per token instead of one per kernel, which is most of the
-    cost of a small model. compile=True also fuses its kernels with torch.compile.
-    """
-
-    def __init__(self, model, caches, batch_size, compile=False):
-        device = model.lm_head.weight.device
-        self.model, self.caches = model, caches
-        self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.run = torch.compile(self.forward, fullgraph=True, dynamic=False) if compile else self.forward
-        self.use_graph, self.graph, self.logits = device.type == "cuda", None, None
-
-    def forward(self):
-        return self.model(self.idx, caches=self.caches, pos=self.pos)[0]
-
-    def __call__(self, idx, pos):
-        self.idx.copy_(idx)
-        self.pos.fill_(pos)
-        if not self.use_graph:
-            return self.run()
-        if self.graph is None:
-            self.record()
-        self.graph.replay()  # rewrites self.logits in place
-        return self.logits
-
-    def record(self):
-        # warm up on a side stream first (kernel choices, compilation), as CUDA graph capture requires;
-        # rerunning the step is harmless: it writes the same keys and values at the same position
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run()
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -479,42 +342,3 @@ def top_p_filter(probs, top_p):
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token always stays
     kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return kept / kept.sum(dim=-1, keepdim=True)
-
-
-# Hugging Face's GPT-2 stores these weights as Conv1D, i.e. transposed relative to nn.Linear.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def refuse_gpt2_variants(hc, name_or_path):
-    """A UsageError naming the first Hugging Face GPT-2 setting whose maths this model does not have:
-    loading such weights would run without error and compute something else."""
-    implemented = {  # field: (is the value one we compute?, what we compute)
-        "activation_function": (hc.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "'gelu_new' (tanh GELU)"),
-        "n_inner": (hc.n_inner in (None, 4 * hc.n_embd), f"None (an MLP 4 x n_embd = {4 * hc.n_embd} wide)"),
-        "scale_attn_weights": (hc.scale_attn_weights, "True (scores divided by sqrt(head size))"),
-        "scale_attn_by_inverse_layer_idx": (not hc.scale_attn_by_inverse_layer_idx, "False"),
-        "reorder_and_upcast_attn": (not hc.reorder_and_upcast_attn, "False"),
-        "layer_norm_epsilon": (hc.layer_norm_epsilon == LAYER_NORM_EPS, f"{LAYER_NORM_EPS}"),
-        "add_cross_attention": (not hc.add_cross_attention, "False (a decoder only)"),
-        "tie_word_embeddings": (hc.tie_word_embeddings, "True (the head is the token embedding)"),
-    }
-    for field, (ok, ours) in implemented.items():
-        if not ok:
-            raise UsageError(f"{name_or_path} is a GPT-2 variant this model does not implement: {field} is "
-                             f"{getattr(hc, field)!r}, GlassGPT computes {ours}; use a standard GPT-2 checkpoint")
-
-
-def hf_to_ours(hf_state):
-    """A GPT2LMHeadModel state dict -> ours: same names, Conv1D weights transposed."""
-    ours = {}
-    for key, value in hf_state.items():
-        if key.endswith((".attn.masked_bias", ".attn.bias")):
-            continue  # causal-mask buffers in old transformers versions, not weights
-        ours[key] = value.t() if key.endswith(HF_TRANSPOSED) else value
-    return ours
-
-
-def ours_to_hf(state):
-    """Our state dict -> GPT2LMHeadModel's: the inverse of hf_to_ours."""
-    return {key: (value.t() if key.endswith(HF_TRANSPOSED) else value).contiguous()
-            for key, value in state.items()}

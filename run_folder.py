@@ -17,7 +17,6 @@ import socket
 import sys
 import time
 
-import psutil
 from filelock import lock_descriptor
 
 from configurator import UsageError
@@ -27,7 +26,7 @@ LOCK_FILE = "train.lock"
 EARLIER_RUNS = "earlier-runs"
 # what a run writes into out_dir (train.py, and plot.py's default picture of it)
 RUN_FILE = re.compile(r"ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png|tensorboard")
-# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, train.py: trim_metrics)
+# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py: trim_metrics)
 LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl)\.tmp(\d+)")
 
 
@@ -90,19 +89,6 @@ def release_lock(fd, path):
     os.close(fd)
 
 
-def remove_leftovers(out_dir, leftover=LEFTOVER):
-    """Delete the temp files of atomic writes whose writing process is gone (killed mid-write): the files
-    whose names `leftover` matches, its group 1 the writer's process id (data.py passes its own pattern)."""
-    removed = []
-    for name in sorted(os.listdir(out_dir)):
-        match = leftover.fullmatch(name)
-        if match and not psutil.pid_exists(int(match.group(1))):
-            os.remove(os.path.join(out_dir, name))
-            removed.append(name)
-    if removed:
-        print(f"removed {len(removed)} half-written file(s) of a killed run from {out_dir}: {', '.join(removed)}")
-
-
 def set_aside_earlier_run(out_dir, replace):
     """Before a new run writes into out_dir: move the earlier run's files to a folder of their own,
     or, with replace=True, delete them."""
@@ -135,3 +121,44 @@ def new_folder(parent, timestamp):
         except FileExistsError:
             n += 1
             folder = f"{stem}-{n}"
+
+
+class EvalAbandoned(Exception):
+    """A stop request during an evaluation: its batches so far are dropped and the run stops."""
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: stop at the next safe point (after this step, or abandoning an
+    evaluation), save ckpt.pt, then exit; a second one exits at once, without saving."""
+
+    def __init__(self, ddp, group):
+        import signal
+        self.signal, self.ddp, self.group = None, ddp, group
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        if self.signal is not None:
+            os.write(sys.stderr.fileno(), b"\nsecond interrupt: exiting now, without saving\n")
+            sys.exit(128 + signum)
+        self.signal = signum
+        # os.write, not print: a handler may run in the middle of a print, and print is not re-entrant
+        os.write(sys.stderr.fileno(), b"\nstopping at the next safe point to save ckpt.pt "
+                                      b"(interrupt again to exit at once, without saving)\n")
+
+    def check_eval(self):
+        """Abandon an evaluation at a stop request, except under torchrun, whose processes must all make the
+        same collective calls: they finish it first."""
+        if self.signal is not None and not self.ddp:
+            raise EvalAbandoned
+
+    def agreed(self):
+        """Whether to stop after this step. Under torchrun the processes agree after every step, whichever of
+        them got the signal, so that all stop after the same one (collective); the flag is a CPU tensor
+        all-reduced over gloo, which never waits for the GPU."""
+        if self.ddp:
+            import torch
+            flag = torch.tensor([self.signal or 0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            self.signal = int(flag) or None
+        return self.signal is not None

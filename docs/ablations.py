@@ -157,7 +157,7 @@ def train_ablation(name, train_args):
 
 def final_val_loss(out_dir):
     """The val loss of the run's last evaluation; for the CPU recipe train.py scores the whole val split
-    (train.py: run.whole_split_loss), so ablations are compared on exactly the same 111,540 characters."""
+    (evaluation.py: whole_split_starts), so ablations are compared on exactly the same 111,540 characters."""
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         evals = [e for e in map(json.loads, f) if e["type"] == "eval"]
     return evals[-1]["val_loss"]

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import bench
-from train import fast_path, peak_flops
+import devices
+from devices import fast_path
+from mfu import peak_flops
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +61,13 @@ def test_fast_path_is_float32_for_narrow_models_on_cpu():
     assert fast_path("cpu", 384)["dtype"] == native
 
 
-
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_fast_path_orthogonalises_muon_in_bfloat16_only_on_a_cpu_that_has_it(monkeypatch, has_bf16):
-    import train
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: has_bf16)
     native = "bfloat16" if has_bf16 else "float32"
-    assert train.fast_path("cpu", 128) == {"dtype": "float32", "compile": False, "muon_dtype": native}
-    assert train.fast_path("cpu", 384) == {"dtype": native, "compile": False, "muon_dtype": native}
+    assert fast_path("cpu", 128) == {"dtype": "float32", "compile": False, "muon_dtype": native}
+    assert fast_path("cpu", 384) == {"dtype": native, "compile": False, "muon_dtype": native}
+
 
 def test_data_bench_reports_speed_and_memory_for_both_tokenizers():
     rows = bench.bench_data(megabytes=1)

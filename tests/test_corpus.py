@@ -1,4 +1,4 @@
-"""Corpora of many documents (data.py: prepare_corpus): a folder of .txt/.jsonl files or a streamed
+"""Corpora of many documents (corpus.py: prepare_corpus): a folder of .txt/.jsonl files or a streamed
 Hugging Face dataset becomes train.bin/val.bin, each split its documents' GPT-2 ids joined by
 end-of-text; a preparation killed with -9 resumes to the same files; and the GPT-2 recipes run."""
 
@@ -13,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 
+import corpus
 import data
 from configurator import UsageError, load_config, run_cli
 from conftest import CORPUS, ROOT, VERSES, run_script
-from data import PROGRESS_FILE, gpt2_encoding, load_split, prepare_folder
+from corpus import prepare_folder
+from data import PROGRESS_FILE, gpt2_encoding, load_split
 
 # Documents that are awkward for a tokenizer: many scripts, whitespace runs, the end-of-text marker
 # as plain text (it must be encoded as text, not as the special token) and a JSON-escaped lone surrogate.
@@ -84,19 +86,20 @@ def test_folder_gives_each_document_encoded_and_joined_with_end_of_text(tmp_path
 # vouches for) or 'after' it.
 PREPARE = """
 import os, signal, sys
-import data
+import corpus, data
 from configurator import run_cli
-data.CHUNK_BYTES, data.RECORD_SECONDS = 997, 0
+data.CHUNK_BYTES = 997
+corpus.RECORD_SECONDS = 0
 die, records = {die!r}, []
-write_atomically = data.write_atomically
-def write_and_maybe_die(path, payload):
+write_json = corpus.write_json
+def write_and_maybe_die(path, value):
     records.append(path) if path.endswith(data.PROGRESS_FILE) else None
     if die == 'before' and len(records) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    write_atomically(path, payload)
+    write_json(path, value)
     if die == 'after' and len(records) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-data.write_atomically = write_and_maybe_die
+corpus.write_json = write_and_maybe_die
 sys.argv = ['data.py'] + sys.argv[1:]
 run_cli(data.main)
 """
@@ -168,7 +171,7 @@ def test_a_streamed_hugging_face_dataset_takes_the_same_path(tmp_path, monkeypat
 def test_a_broken_stream_resumes_where_it_stopped(tmp_path, monkeypatch):
     documents = ODD + VERSES * 8
     monkeypatch.setattr(data, "CHUNK_BYTES", 100)
-    monkeypatch.setattr(data, "RECORD_SECONDS", 0)  # a record after every job
+    monkeypatch.setattr(corpus, "RECORD_SECONDS", 0)  # a record after every job
     with pytest.raises(ConnectionError):
         prepare_from_hub(monkeypatch, FakeHub(documents, fail_after=40), tmp_path)
     record = json.loads((tmp_path / "hf" / PROGRESS_FILE).read_text(encoding="utf-8"))
@@ -270,7 +273,8 @@ def test_eval_gpt2_config_scores_a_local_hugging_face_gpt2_offline(tmp_path, gpt
 
 @pytest.mark.parametrize("size", ["", "_medium", "_large", "_xl"])
 def test_eval_configs_evaluate_openai_gpt2_weights_only(size):
+    import configurator
     import train
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, f"config/eval_gpt2{size}.py")])
-    train.check_config(config)
+    configurator.check_train_config(config)
     assert config["init_from"] == "gpt2" + size.replace("_", "-") and config["eval_only"] is True

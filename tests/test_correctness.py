@@ -154,7 +154,7 @@ def muon_runs(make_optimizer, steps=4):
 
 
 def test_muon_in_bfloat16_is_torch_optim_muon_step_for_step():
-    from model import Muon
+    from optim import Muon
     ours = muon_runs(lambda ws: Muon(ws, lr=4e-3, weight_decay=0.1, ns_dtype=torch.bfloat16))
     torchs = muon_runs(lambda ws: torch.optim.Muon(ws, lr=4e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
     assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
@@ -162,7 +162,7 @@ def test_muon_in_bfloat16_is_torch_optim_muon_step_for_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_orthogonalise_brings_every_singular_value_near_one(dtype):
-    from model import orthogonalise
+    from optim import orthogonalise
     torch.manual_seed(0)
     for shape in ((96, 32), (32, 128)):
         k = min(shape)

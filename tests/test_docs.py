@@ -373,9 +373,10 @@ def check_command(argv):
     try:
         os.chdir(ROOT)
         if script == "train.py":
+            import configurator
             import train
             config = load_config(train.DEFAULTS, args)
-            train.check_config(config)
+            configurator.check_train_config(config)
             if argv[0] == "torchrun":  # train.py refuses accumulation steps that processes cannot share
                 flags = dict(a[2:].split("=", 1) for a in argv[:argv.index(script)] if a.startswith("--") and "=" in a)
                 processes = int(flags.get("nproc_per_node", 1)) * int(flags.get("nnodes", 1))
@@ -487,7 +488,7 @@ def recipe_model(path):
     import torch
 
     import train
-    from data import KNOWN_DATASETS
+    from sources import KNOWN_DATASETS
     from model import GPT, GPTConfig
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, path)])
     vocab = TINY_SHAKESPEARE_CHARS if KNOWN_DATASETS[config["dataset"]] == "char" else 50257
@@ -573,20 +574,23 @@ def test_each_chapter_ends_with_three_to_five_exercises_with_answers(lang, name)
 NUMBER = r"-?(?:\d[\d,]*)?\.?\d+(?:e[+-]\d+)?"
 
 
+TRAIN_SPEAKERS = ("train.py", "health.py", "metrics.py", "mfu.py", "estimate.py", "run_folder.py", "checkpoint.py")
+
+
 def train_output_patterns():
-    """Regexes of the lines train.py prints: its log line (train.py: format_log) in every variant, with any
-    numbers, and each of its other f-strings that starts with words, with any text in their fields."""
+    """Regexes of the lines train.py prints: its log line (metrics.py: format_log) in every variant, with any
+    numbers, and each other f-string that starts with words, in train.py and the modules that speak for it."""
     import itertools
 
-    import train
+    import metrics
     patterns = []
     for mfu, clipped, ratio, scale in itertools.product((None, 0.5), (False, True), (None, -2.5), (None, 1024.0)):
         entry = {"iter": 10, "loss": 2.5, "lr": 1e-3, "ms_per_iter": 50.0, "tokens_per_s": 15000.0, "mfu": mfu,
                  "grad_norm": 1.5, "clipped": clipped, "update_ratio_log10": None if ratio is None else {"all": ratio},
                  "skipped_steps": 0, "loss_scale": scale}
-        pieces = re.split(f"({NUMBER})", train.format_log(entry))
+        pieces = re.split(f"({NUMBER})", metrics.format_log(entry))
         patterns.append("".join(NUMBER if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
-    for node in ast.walk(syntax_tree("train.py")):
+    for node in (n for f in TRAIN_SPEAKERS for n in ast.walk(syntax_tree(f))):
         if isinstance(node, ast.JoinedStr) and isinstance(node.values[0], ast.Constant):  # lines that start with words
             patterns.append("".join(re.escape(v.value) if isinstance(v, ast.Constant) else ".+?" for v in node.values))
     return patterns

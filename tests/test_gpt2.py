@@ -15,7 +15,8 @@ from conftest import CORPUS, ROOT, run_script
 from configurator import UsageError, load_config, train_defaults
 from data import GPT2Tokenizer, prepare
 from generate import load_model
-from model import GPT, GPTConfig, hf_to_ours, ours_to_hf
+from hf import hf_to_ours, ours_to_hf
+from model import GPT, GPTConfig
 
 
 def perturbed(model, scale=0.1):

@@ -20,7 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import plot
 import run_folder
-import train
+import estimate
+import faults
+import metrics
+import mfu
 from checkpoint import load_checkpoint
 from conftest import CORPUS, ROOT, TINY, run_script
 from configurator import UsageError
@@ -161,7 +164,7 @@ def test_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     others = [alive, f"notes.txt.tmp{pid}", "metrics.jsonl.tmpX", "ckpt.pt"]
     for name in others:
         (tmp_path / name).write_text("keep me")
-    run_folder.remove_leftovers(str(tmp_path))
+    faults.remove_leftovers(str(tmp_path), run_folder.LEFTOVER)
     assert sorted(os.listdir(tmp_path)) == sorted(others)
 
 
@@ -220,11 +223,11 @@ def test_train_init_from_a_variant_is_one_clear_line(char_data, tmp_path):
 
 
 def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "PEAK_FLOPS_CACHE", str(tmp_path / "glassgpt" / "peak_flops.json"))
+    monkeypatch.setattr(mfu, "PEAK_FLOPS_CACHE", str(tmp_path / "glassgpt" / "peak_flops.json"))
     measured = []
-    monkeypatch.setattr(train, "measure_matmul_flops", lambda dev, dtype: measured.append(dtype) or 1.5e11)
-    assert train.peak_flops("cpu", torch.float32) == 1.5e11
-    assert train.peak_flops("cpu", torch.float32) == 1.5e11
+    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda dev, dtype: measured.append(dtype) or 1.5e11)
+    assert mfu.peak_flops("cpu", torch.float32) == 1.5e11
+    assert mfu.peak_flops("cpu", torch.float32) == 1.5e11
     assert measured == [torch.float32]
     [(key, value)] = json.loads((tmp_path / "glassgpt" / "peak_flops.json").read_text()).items()
     assert "torch.float32" in key and f"{torch.get_num_threads()} threads" in key and value == 1.5e11
@@ -234,7 +237,7 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
 def test_train_divides_by_the_cached_peak(char_data, tmp_path):
     cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
     cache.parent.mkdir(parents=True)
-    key = train.peak_cache_key("cpu", torch.float32)
+    key = mfu.peak_cache_key("cpu", torch.float32)
     cache.write_text(json.dumps({key: 1e12}))
     out = tmp_path / "out"
     env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
@@ -250,7 +253,7 @@ def test_train_divides_by_the_cached_peak(char_data, tmp_path):
 def test_an_mfu_above_100_percent_names_the_stale_cached_peak_once(char_data, tmp_path):
     cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({train.peak_cache_key("cpu", torch.float32): 1e3}))  # far below any real step
+    cache.write_text(json.dumps({mfu.peak_cache_key("cpu", torch.float32): 1e3}))  # far below any real step
     env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
                              *train_args(char_data, tmp_path / "out", "--max_iters=10")],
@@ -347,21 +350,21 @@ def test_second_interrupt_exits_at_once(char_data, tmp_path):
 
 
 def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
-    assert train.evals_ahead(0, 5000, 250, eval_first=True) == 21  # the GPU recipe
-    assert train.evals_ahead(0, 1000, 1000, eval_first=False) == 1  # the CPU recipe: one, at the end
-    assert train.evals_ahead(5, 12, 5, eval_first=False) == 2  # 10 and the last, 12
+    assert estimate.evals_ahead(0, 5000, 250, eval_first=True) == 21  # the GPU recipe
+    assert estimate.evals_ahead(0, 1000, 1000, eval_first=False) == 1  # the CPU recipe: one, at the end
+    assert estimate.evals_ahead(5, 12, 5, eval_first=False) == 2  # 10 and the last, 12
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.5))
     X = torch.zeros(2, 4, dtype=torch.long)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    short = train.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2, any_device=True)
+    short = estimate.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2, any_device=True)
     assert short.startswith("on this CPU a step takes about ") and "10 steps and 1 evaluation of up to 2" in short
     assert "sized for a GPU" not in short
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
-    long = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2, any_device=True)
+    long = estimate.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2, any_device=True)
     assert "config/shakespeare_char_cpu.py" in long
-    asked_for_cpu = train.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2,
+    asked_for_cpu = estimate.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2,
                                    any_device=False)  # a recipe made for a CPU, like the CPU recipe itself
     assert "sized for a GPU" not in asked_for_cpu
 
@@ -433,6 +436,6 @@ def test_resume_drops_a_torn_metrics_line_instead_of_failing(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "train", "iter": 5}\n{"type": "eval", "iter": 5}\n{"type": "train", "iter": 6}\n'
                     '{"type": "tra')  # killed while writing its last line
-    train.trim_metrics(str(path), 5)
+    metrics.trim_metrics(str(path), 5)
     assert path.read_text() == '{"type": "train", "iter": 5}\n{"type": "eval", "iter": 5}\n'
     assert "dropped line(s) 4" in capsys.readouterr().out

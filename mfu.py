@@ -1,0 +1,102 @@
+"""
+The peak FLOP/s that MFU (model FLOPs utilisation) divides by: a GPU's data sheet where we know it,
+else this machine's measured matmul peak, kept in a small cache so that every run divides by the same number.
+"""
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from faults import atomic_write
+
+# Peak dense matmul throughput (FLOP/s) of known GPUs, from their vendors' data sheets, used for MFU.
+PUBLISHED_PEAK_FLOPS = {
+    ("A100", torch.bfloat16): 312e12, ("A100", torch.float16): 312e12, ("A100", torch.float32): 19.5e12,
+    ("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
+    ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12,
+    ("V100", torch.float16): 125e12, ("V100", torch.float32): 15.7e12,
+    ("T4", torch.float16): 65e12, ("T4", torch.float32): 8.1e12,
+    ("L4", torch.bfloat16): 121e12, ("L4", torch.float16): 121e12, ("L4", torch.float32): 30e12,
+    ("4090", torch.bfloat16): 165e12, ("4090", torch.float16): 165e12, ("4090", torch.float32): 82.6e12,
+}
+
+
+def published_peak_flops(device_name, dtype):
+    """The data-sheet peak for a known GPU name (e.g. 'NVIDIA H100 80GB HBM3'), else None."""
+    for (gpu, peak_dtype), flops in PUBLISHED_PEAK_FLOPS.items():
+        if gpu in device_name and peak_dtype == dtype:
+            return flops
+    return None
+
+
+def measure_matmul_flops(device, dtype, seconds=2.0):
+    """The best FLOP/s of square matmuls repeated for `seconds` on this device: the peak for MFU where
+    no data sheet applies. The best, not the mean, because other programs can only slow a matmul down."""
+    n = 4096 if device.startswith("cuda") else 1024  # large enough to keep the device busy
+    rng = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
+    a @ b  # the first call pays for thread start-up and kernel selection
+    best, spent, repeats = float("inf"), 0.0, 0
+    while spent < seconds or repeats < 3:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
+    return 2 * n ** 3 / best
+
+
+# measured peaks, one per machine, device, dtype, thread count and PyTorch version; delete it to measure again
+PEAK_FLOPS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                "glassgpt", "peak_flops.json")
+
+
+def peak_flops(dev, ptdtype):
+    """The device's peak FLOP/s, which MFU divides by (train.py and bench.py alike): a GPU's data sheet
+    if we know it, else this machine's matmul peak, measured once and kept in PEAK_FLOPS_CACHE so that
+    every run divides by the same number."""
+    if dev.startswith("cuda"):
+        published = published_peak_flops(torch.cuda.get_device_name(dev), ptdtype)
+        if published:
+            return published
+    key = peak_cache_key(dev, ptdtype)
+    cache = read_peak_cache()
+    if key not in cache:
+        print(f"measuring this machine's matmul peak for MFU, once ({PEAK_FLOPS_CACHE})")
+        cache = {**read_peak_cache(), key: measure_matmul_flops(dev, ptdtype)}
+        try:
+            os.makedirs(os.path.dirname(PEAK_FLOPS_CACHE), exist_ok=True)
+            with atomic_write(PEAK_FLOPS_CACHE) as f:
+                json.dump(cache, f, indent=1)
+        except OSError:
+            pass  # no writable cache folder: the next run measures again
+    return cache[key]
+
+
+def peak_cache_key(dev, ptdtype):
+    """What a measured peak depends on: machine, device, dtype, threads and PyTorch version."""
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else torch.backends.cpu.get_cpu_capability()
+    return (f"{platform.node()} | {dev.split(':')[0]} {name} | {ptdtype} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__}")
+
+
+def read_peak_cache():
+    try:
+        with open(PEAK_FLOPS_CACHE, encoding="utf-8") as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: measure again
+        return {}
+
+
+def peak_warning():
+    """What an MFU above 100% means: the cached peak, not the step, is wrong."""
+    return (f"warning: MFU above 100%: the cached matmul peak was measured while the machine was busy; "
+            f"delete {PEAK_FLOPS_CACHE} to measure it again")
