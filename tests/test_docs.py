@@ -384,6 +384,9 @@ def check_command(argv):
         elif script == "generate.py":
             import generate
             generate.parse_args(args)
+        elif script == "lens.py":
+            import lens
+            lens.parse_args(args)
     except UsageError as e:
         raise AssertionError(f"`{shlex.join(argv)}` is wrong: {e}")
     finally:
