@@ -876,6 +876,10 @@ def main():
                          "give your text with --input")
 
 
+# what to do after Ctrl-C or SIGTERM (configurator.run_cli says it on its one line)
+INTERRUPTED_HINT = ("run the same command again: a --folder or --hf corpus continues where it stopped, "
+                    "an --input text starts over")
+
+
 if __name__ == "__main__":
-    run_cli(main, interrupted_hint="run the same command again: a --folder or --hf corpus continues where "
-                                   "it stopped, an --input text starts over")
+    run_cli(main, INTERRUPTED_HINT)
