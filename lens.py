@@ -36,11 +36,6 @@ STACK_TOP = 5  # predictions per layer at the chosen position
 ATTENTION_LIMIT = 2_000_000  # the most weights (layers x heads x T x T) one answer carries to the page
 
 
-def checkpoint_path(path):
-    """A run folder means its best_model.pt; anything else is found as generate.py finds it."""
-    return os.path.join(path, "best_model.pt") if os.path.isdir(path) else find_checkpoint(path)
-
-
 def sampling_settings(fields):
     """The page's settings, checked by generate.py's own flag parser (so the same values are refused with
     the same words); a missing field takes generate.py's default, an empty top_k or top_p means off."""
@@ -289,7 +284,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     device = pick_device(args.device)
-    path = checkpoint_path(args.ckpt)
+    path = find_checkpoint(args.ckpt)
     model, tokenizer = load_model(path, device, args.dtype)
     with make_server(Lens(model, tokenizer, path, device), args.host, args.port) as server:
         host, port = server.server_address[:2]

@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS = ["temperature", "top_k", "top_p", "seed", "max_new_tokens"];
-const MASKED = "#e5e7eb";  // the causal mask's cells: a query never sees a later key
+const MASKED = [229, 231, 235];  // the causal mask's cells (a query never sees a later key): light grey
+const BLUE = [37, 99, 235];
 const state = { model: null, answer: null, position: null, head: null, asked: 0, stream: null, timer: null };
 
 function el(tag, props = {}, ...children) {
@@ -158,20 +159,32 @@ function drawAttention() {
   if (state.head) drawHead();
 }
 
-// one cell per (query, key): blue, deeper for more weight (square root: small weights stay visible), grey where
+// one pixel per (query, key): blue, deeper for more weight (square root: small weights stay visible), grey where
 // the causal mask hides the key
+function heatmap(weights) {
+  const T = weights.length;
+  const image = new ImageData(T, T);
+  for (let q = 0; q < T; q++) {
+    for (let k = 0; k < T; k++) {
+      const shade = k > q ? null : Math.sqrt(weights[q][k]);
+      const rgb = shade === null ? MASKED : BLUE.map((c) => Math.round(255 + (c - 255) * shade));  // blue over white
+      image.data.set([...rgb, 255], 4 * (q * T + k));
+    }
+  }
+  return image;
+}
+
+// the heatmap drawn with cells of `cell` pixels, leaving a margin at the top and left for labels
 function paint(canvas, weights, cell, margin) {
   const T = weights.length;
+  const pixels = el("canvas", { width: T, height: T });
+  pixels.getContext("2d").putImageData(heatmap(weights), 0, 0);
   canvas.width = canvas.height = margin + T * cell;
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
-  for (let q = 0; q < T; q++) {
-    for (let k = 0; k < T; k++) {
-      ctx.fillStyle = k > q ? MASKED : `rgba(37, 99, 235, ${Math.sqrt(weights[q][k])})`;
-      ctx.fillRect(margin + k * cell, margin + q * cell, cell, cell);
-    }
-  }
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(pixels, margin, margin, T * cell, T * cell);
 }
 
 function chooseHead(layer, head) {

@@ -24,8 +24,9 @@ from torch.nn import functional as F
 
 from conftest import ROOT, run_script
 from configurator import UsageError
-from generate import load_model
-from lens import Lens, checkpoint_path, make_server, sampling_settings
+from data import GPT2Tokenizer
+from generate import find_checkpoint, load_model
+from lens import Lens, make_server, sampling_settings
 from model import GPT, GPTConfig, sample_next, sampling_probs
 
 PROMPT = "ROMEO:\nBut, soft! what light"  # every character is in conftest's corpus and in Shakespeare
@@ -116,6 +117,15 @@ def test_a_prompt_longer_than_the_block_is_cut_to_its_last_block_size_tokens_wit
     assert answer["note"].startswith(f"the prompt is {block_size + 5} tokens long") and answer["position"] == block_size - 1
 
 
+def test_a_bpe_model_shows_its_word_pieces_and_names_its_padded_ids():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).eval()
+    lens = Lens(model, GPT2Tokenizer(), "bpe", "cpu")
+    pieces = [t["text"] for t in lens.analyse({"prompt": "Unbelievably"})["tokens"]]
+    assert "".join(pieces) == "Unbelievably" and len(pieces) > 1
+    assert lens.token(50300) == {"id": 50300, "text": "<unused 50300>"}  # past GPT-2's 50257: never in any text
+
+
 def test_settings_are_checked_by_generate_py_and_an_empty_filter_is_off():
     assert sampling_settings({}) == dict(temperature=0.8, top_k=200, top_p=None, seed=1337, max_new_tokens=500)
     chosen = sampling_settings({"top_k": "", "top_p": "0.9", "temperature": "0", "seed": "7"})
@@ -180,7 +190,7 @@ def test_a_request_that_is_not_json_is_refused_and_the_server_keeps_answering(se
 def test_a_missing_or_foreign_checkpoint_is_one_line(tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     for ckpt, words in ((tmp_path / "nowhere", "not found"), (tmp_path / "text.pt", "is not a readable GlassGPT checkpoint"),
-                        (tmp_path, "not found")):
+                        (tmp_path, "is a folder without a best_model.pt")):
         result = run_script("lens.py", "--ckpt", ckpt, "--device", "cpu")
         assert result.returncode == 2 and words in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -237,7 +247,7 @@ def browser_context():
 @pytest.fixture(scope="module")
 def page_lens(trained_run):
     """The model the browser tests look at: the tiny trained one, or GLASSGPT_LENS_DOCS's for the docs."""
-    path = checkpoint_path(DOCS_CKPT) if DOCS_CKPT else str(trained_run[0] / "best_model.pt")
+    path = find_checkpoint(DOCS_CKPT) if DOCS_CKPT else str(trained_run[0] / "best_model.pt")
     model, tokenizer = load_model(path, "cpu")
     lens = Lens(model, tokenizer, path, "cpu")
     server = make_server(lens, "127.0.0.1", 0)
@@ -398,7 +408,7 @@ def test_browser_generate_with_a_seed_prints_what_generate_py_prints(page, page_
     page.view("generate")
     page.tab.click("#generate")
     page.tab.wait_for_selector("#generated[data-text]")
-    printed = run_script("generate.py", "--ckpt", lens.path, "--start", "ROMEO:", "--seed", "7",
+    printed = run_script("generate.py", "--ckpt", os.path.abspath(lens.path), "--start", "ROMEO:", "--seed", "7",
                          "--max_new_tokens", "60", "--device", "cpu", check=True).stdout
     text = page.tab.get_attribute("#generated", "data-text")
     assert printed == text + "\n---------------\n"
