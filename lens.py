@@ -146,11 +146,13 @@ class Lens:
         s = sampling_settings(fields)
         generator = torch.Generator(device=self.device).manual_seed(s["seed"])  # as generate.py: same seed, same text
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-        seen, me = {}, threading.current_thread()
+        fired, replayed, me = [], {}, threading.current_thread()
 
         def keep_logits(module, args, output):  # generate_stream's own forwards, not other requests'
             if threading.current_thread() is me:
-                seen["logits"] = output[0]  # (1, 1, V); under a CUDA graph, the buffer each replay rewrites
+                fired.append(output[0])  # (1, 1, V)
+                if output[0].is_cuda and torch.cuda.is_current_stream_capturing():
+                    replayed["logits"] = output[0]  # the buffer that each replay of the recorded step rewrites
 
         hook = self.model.register_forward_hook(keep_logits)
         try:
@@ -158,10 +160,12 @@ class Lens:
                                                 generator=generator)
             while True:
                 with self.lock:
+                    fired.clear()
                     token = next(stream, None)
                     if token is None:
                         return
-                    logits = seen["logits"][:, -1, :].float()  # (1, V): what this token was drawn from
+                    # the step's own forward; none fired when it was a replay of a CUDA graph (DecodeStep)
+                    logits = (fired[-1] if fired else replayed["logits"])[:, -1, :].float()  # (1, V)
                     i = token.item()
                     p = sampling_probs(logits, s["temperature"], s["top_k"], s["top_p"])[0, i].item()
                     p_model = F.softmax(logits, dim=-1)[0, i].item()

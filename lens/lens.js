@@ -129,7 +129,8 @@ function drawNext() {
     el("td", {}, pct(r.sampled))));
   const head = el("tr", {}, ...["", "token", "", "", "model", "sampled"].map((h) => el("th", {}, h)));
   $("next-bars").replaceChildren(head, ...rows);
-  $("next-summary").textContent = `temperature ${s.temperature}, top-k ${s.top_k ?? "off"}, top-p ${s.top_p ?? "off"}: ` +
+  $("next-summary").textContent =
+    `temperature ${s.temperature}, top-k ${s.top_k ?? "off"}, top-p ${s.top_p ?? "off"}: ` +
     `${next.kept} of ${next.vocab_size} tokens can be drawn. The tokens not listed hold ${pct(next.rest)} ` +
     `of the model's probability and ${pct(next.rest_sampled)} after the settings.`;
 }
@@ -281,7 +282,7 @@ function drawStack() {
   $("stack").replaceChildren(head, ...rows);
   $("stack-title").textContent = `after position ${position} (“${shown(tokens[position].text)}”), layer by layer`;
   $("stack-detail").replaceChildren(
-    el("tr", {}, el("th", {}, "stream after"), el("th", {}, "‖x‖"), el("th", {}, "top predictions of the logit lens")),
+    el("tr", {}, ...["stream after", "‖x‖", "top predictions of the logit lens"].map((h) => el("th", {}, h))),
     ...stack.map((stage) => el("tr", {},
       el("td", {}, stage.name), el("td", {}, stage.norm[position].toFixed(2)),
       el("td", { className: "mono" }, stage.detail.map((t) => `“${shown(t.text)}” ${pct(t.p)}`).join("   ")))));
@@ -317,7 +318,7 @@ function generate() {
   });
   stream.addEventListener("failure", (event) => {
     say(JSON.parse(event.data).error);
-    finishGenerating("");
+    finishGenerating("nothing generated");
   });
   stream.onerror = () => finishGenerating("the lens server stopped answering");
 }

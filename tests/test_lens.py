@@ -114,7 +114,8 @@ def test_a_prompt_longer_than_the_block_is_cut_to_its_last_block_size_tokens_wit
     prompt = (PROMPT * 3)[: block_size + 5]
     answer = tiny_lens.analyse({"prompt": prompt})
     assert [t["id"] for t in answer["tokens"]] == tiny_lens.tokenizer.encode(prompt)[-block_size:]
-    assert answer["note"].startswith(f"the prompt is {block_size + 5} tokens long") and answer["position"] == block_size - 1
+    assert answer["note"].startswith(f"the prompt is {block_size + 5} tokens long")
+    assert answer["position"] == block_size - 1
 
 
 def test_a_bpe_model_shows_its_word_pieces_and_names_its_padded_ids():
@@ -136,15 +137,29 @@ def test_settings_are_checked_by_generate_py_and_an_empty_filter_is_off():
             sampling_settings(fields)
 
 
-def test_generated_tokens_are_generate_streams_with_the_probability_each_had(tiny_lens):
-    fields = {"prompt": "ROMEO:", "seed": "7", "max_new_tokens": "12", "temperature": "0.9", "top_k": "5"}
-    tokens = list(tiny_lens.generate(fields))
-    ids = tiny_lens.tokenizer.encode("ROMEO:")
-    expected = tiny_lens.model.generate(torch.tensor([ids]), 12, temperature=0.9, top_k=5,
-                                        generator=torch.Generator().manual_seed(7))[0, len(ids):].tolist()
-    assert [t["id"] for t in tokens] == expected
-    for n, token in enumerate(tokens):
-        logits = full_logits(tiny_lens, ids + expected[:n])[-1:]  # without the cache, from the whole context
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on CUDA the decoding steps replay a graph
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generated_tokens_are_generate_streams_with_the_probability_each_had(trained_run, device, monkeypatch):
+    import model as model_module
+    path = str(trained_run[0] / "best_model.pt")
+    lens = Lens(*load_model(path, device), path, device)
+    drawn_from = []  # the logits of each step, as generate_stream hands them to sample_next
+
+    def recording_sample_next(logits, *args, **kwargs):
+        drawn_from.append(logits.float().clone())
+        return sample_next(logits, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "sample_next", recording_sample_next)
+    # 40 tokens after 6 run past block_size 32: the cache's window restarts once on the way
+    fields = {"prompt": "ROMEO:", "seed": "7", "max_new_tokens": "40", "temperature": "0.9", "top_k": "5"}
+    tokens = list(lens.generate(fields))
+    ids = lens.tokenizer.encode("ROMEO:")
+    expected = lens.model.generate(torch.tensor([ids], device=device), 40, temperature=0.9, top_k=5,
+                                   generator=torch.Generator(device=device).manual_seed(7))[0, len(ids):].tolist()
+    assert [t["id"] for t in tokens] == expected and len(drawn_from) == 80  # the lens's run, then generate's
+    for token, logits in zip(tokens, drawn_from):
         assert abs(token["p"] - sampling_probs(logits, 0.9, 5)[0, token["id"]].item()) < 1e-4
         assert abs(token["p_model"] - F.softmax(logits, dim=-1)[0, token["id"]].item()) < 1e-4
 
@@ -189,7 +204,8 @@ def test_a_request_that_is_not_json_is_refused_and_the_server_keeps_answering(se
 
 def test_a_missing_or_foreign_checkpoint_is_one_line(tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    for ckpt, words in ((tmp_path / "nowhere", "not found"), (tmp_path / "text.pt", "is not a readable GlassGPT checkpoint"),
+    for ckpt, words in ((tmp_path / "nowhere", "not found"),
+                        (tmp_path / "text.pt", "is not a readable GlassGPT checkpoint"),
                         (tmp_path, "is a folder without a best_model.pt")):
         result = run_script("lens.py", "--ckpt", ckpt, "--device", "cpu")
         assert result.returncode == 2 and words in result.stderr, result.stderr
@@ -291,8 +307,9 @@ class Page:
 
     def rows(self, selector, *keys):
         """[(data-key, ...)] of each element matching selector, as numbers."""
+        fields = ", ".join(f"e.dataset.{key}" for key in keys)
         return [tuple(float(v) for v in row)
-                for row in self.tab.eval_on_selector_all(selector, f"els => els.map(e => [{', '.join(f'e.dataset.{k}' for k in keys)}])")]
+                for row in self.tab.eval_on_selector_all(selector, f"els => els.map(e => [{fields}])")]
 
     def screenshot(self, folder, name):
         path = os.path.join(folder, name)
@@ -425,6 +442,11 @@ def test_browser_bad_prompts_are_messages_on_the_page(page, page_lens):
     page.type_prompt("ROMEO: \u00e9")
     assert "outside this model's vocabulary" in page.tab.inner_text("#message")
     assert page.tab.locator("#tokens .tok").count() == 0
+    page.view("generate")
+    page.tab.click("#generate")
+    page.tab.wait_for_function("document.getElementById('generate-summary').textContent === 'nothing generated'")
+    assert "outside this model's vocabulary" in page.tab.inner_text("#message")
+    assert page.tab.locator("#generated .gen").count() == 0
     page.type_prompt("")
     assert page.tab.inner_text("#message") == "the prompt is empty; type some text"
     long = (PROMPT * 10)[: block_size + 3]
