@@ -570,6 +570,8 @@ def run():
         if master:
             save_checkpoint(ckpt_path, tensors, ckpt_meta)
     if ddp:
+        # no process exits before the first one has saved: torchrun stops all of them when one exits non-zero
+        torch.distributed.barrier(group=stop_group)
         torch.distributed.destroy_process_group()
     if stop["signal"] is not None:
         if master:
