@@ -57,6 +57,17 @@ def save_reporting_os_errors(payload, f):
         raise keeper.error from e
 
 
+def in_run_folder(path):
+    """A run folder (a train.py out_dir) means its best_model.pt; any other path is itself."""
+    if not os.path.isdir(path):
+        return path
+    best = os.path.join(path, "best_model.pt")
+    if not os.path.isfile(best):
+        raise UsageError(f"{path} is a folder without a best_model.pt; give a checkpoint file in it "
+                         f"(such as {os.path.join(path, 'ckpt.pt')}) or a run folder that train.py has written")
+    return best
+
+
 def load_checkpoint(path, map_location="cpu"):
     """(tensors, meta) from a checkpoint file, or one clear UsageError saying what is wrong."""
     if not os.path.isfile(path):

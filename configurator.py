@@ -57,7 +57,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
         default, text = kwargs.get("default"), kwargs.get("help")
         shown = default is not None and default is not False and default != argparse.SUPPRESS  # not 0 == False
-        if shown and "%(default)" not in (text or ""):
+        if shown and "%(default)" not in (text or "") and "(default" not in (text or ""):
             kwargs["help"] = f"{text} (default: %(default)s)" if text else "default: %(default)s"
         return super().add_argument(*args, **kwargs)
 

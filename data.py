@@ -21,7 +21,7 @@ import re
 import numpy as np
 
 from configurator import ArgumentParser, UsageError, run_cli
-from faults import atomic_write, remove_leftovers, removed_on_failure, writing
+from faults import atomic_write, remove_leftovers, writing
 from sources import KNOWN_DATASETS, find_known_source
 from workers import in_order
 
@@ -438,6 +438,10 @@ def main():
                          "give your text with --input")
 
 
+# what to do after Ctrl-C or SIGTERM (configurator.run_cli says it on its one line)
+INTERRUPTED_HINT = ("run the same command again: a --folder or --hf corpus continues where it stopped, "
+                    "an --input text starts over")
+
+
 if __name__ == "__main__":
-    run_cli(main, interrupted_hint="run the same command again: a --folder or --hf corpus continues where "
-                                   "it stopped, an --input text starts over")
+    run_cli(main, INTERRUPTED_HINT)

@@ -88,6 +88,9 @@ def load_optimizer_states(model, optimizers, states, fsdp):
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
-def finish(ddp):
+def finish(ddp, group):
+    """The end of a torchrun run (collective). No process exits before the first one has saved: torchrun stops
+    all of them when one exits non-zero."""
     if ddp:
+        torch.distributed.barrier(group=group)
         torch.distributed.destroy_process_group()

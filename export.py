@@ -5,21 +5,22 @@ Export a GlassGPT checkpoint as a Hugging Face GPT-2 model directory.
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_model')"
 
 Our module names are GPT-2's, so the weights copy key by key (hf.py: ours_to_hf transposes the
-four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model
-gets char_vocab.json ({character: id}), since transformers has no character tokenizer for GPT-2.
-The directory is written in a temporary folder and renamed into place, so a failed export never
-leaves half a model, and an existing non-empty --out is only replaced with --force.
+four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model gets
+a tokenizer of its own characters (char_tokenizer), so AutoTokenizer and pipeline("text-generation")
+load either kind. The directory is written in a temporary folder and renamed into place, so a failed
+or interrupted export never leaves half a model, and an existing non-empty --out is only replaced
+with --force.
 """
 
-import json
 import os
 import shutil
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from checkpoint import model_from_checkpoint
+from checkpoint import in_run_folder, model_from_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
+from faults import writing
 from data import gpt2_hf_tokenizer
 from hf import ours_to_hf
 
@@ -72,9 +73,20 @@ def write_tokenizer(folder, tokenizer, block_size):
         hf_tokenizer.model_max_length = block_size
         hf_tokenizer.save_pretrained(folder)
     else:
-        vocab = {ch: i for i, ch in enumerate(tokenizer["chars"])}
-        with open(os.path.join(folder, "char_vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False, indent=0)
+        char_tokenizer(tokenizer["chars"], block_size).save_pretrained(folder)
+
+
+def char_tokenizer(chars, block_size):
+    """Our char tokenizer as a Hugging Face fast tokenizer: every character is a piece of its own (a Split
+    on any one character), looked up in a WordLevel vocabulary of our ids, and decoding joins the pieces
+    as they are (Fuse, no clean-up of spaces), so encode and decode equal data.py: CharTokenizer's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(chars)}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
+                                   clean_up_tokenization_spaces=False)
 
 
 def replace_dir(tmp, out):
@@ -85,7 +97,7 @@ def replace_dir(tmp, out):
         os.replace(out, old)
     try:
         os.replace(tmp, out)
-    except OSError:
+    except BaseException:  # (Ctrl-C included)
         if old:
             os.replace(old, out)
         raise
@@ -97,6 +109,7 @@ def export(ckpt_path, out, force=False):
     """Write the checkpoint's model (and tokenizer) to out as a Hugging Face directory."""
     out = os.path.normpath(out)
     check_out_dir(out, force)
+    ckpt_path = in_run_folder(ckpt_path)
     model, _, meta = model_from_checkpoint(ckpt_path)
     model_args, tokenizer, state = meta["model_args"], meta["tokenizer"], model.state_dict()
     if model_args.get("bias") is False:
@@ -105,17 +118,15 @@ def export(ckpt_path, out, force=False):
     hf = to_hf(model_args, state, tokenizer)
     diff = check_same_logits(model.eval(), hf)
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
     try:
-        hf.save_pretrained(tmp)
-        write_tokenizer(tmp, tokenizer, model_args["block_size"])
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise UsageError(f"could not write {out} ({e.strerror or e}); nothing was changed there. "
-                         "Free some disk space or choose a writable --out") from e
+        with writing(out, kept="nothing was changed there"):
+            os.makedirs(parent, exist_ok=True)
+            hf.save_pretrained(tmp)
+            write_tokenizer(tmp, tokenizer, model_args["block_size"])
+            replace_dir(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a failure or Ctrl-C: no half-written folder
     sizes = ", ".join(f"{k}={model_args[k]}" for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"))
     print(f"wrote {out} ({sizes}); its logits match the checkpoint's to {diff:.1e}")
     return out
@@ -123,7 +134,8 @@ def export(ckpt_path, out, force=False):
 
 def main(argv=None):
     p = ArgumentParser(description="Export a GlassGPT checkpoint as a Hugging Face GPT-2 directory.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best_model.pt or ckpt.pt)")
+    p.add_argument("--ckpt", required=True,
+                   help="a checkpoint written by train.py (best_model.pt or ckpt.pt), or a run folder (its best_model.pt)")
     p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files")
     args = p.parse_args(argv)

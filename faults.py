@@ -22,12 +22,23 @@ def writing(path, kept=""):
     fix, not a traceback. kept: what the failure leaves intact, said in the message ('the previous ...')."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in WRITE_FAULTS:
+    except Exception as e:
+        code = os_error_number(e)
+        if code not in WRITE_FAULTS:
             raise
-        where = re.sub(r"\.tmp\d+$", "", str(e.filename)) if e.filename else path  # a temp file: its target
-        raise UsageError(f"could not write {where} ({e.strerror}){'; ' if kept else ''}{kept}; "
-                         f"{WRITE_FAULTS[e.errno]}") from e
+        filename = getattr(e, "filename", None)
+        where = re.sub(r"\.tmp\d+$", "", str(filename)) if filename else path  # a temp file: its target
+        raise UsageError(f"could not write {where} ({os.strerror(code)}){'; ' if kept else ''}{kept}; "
+                         f"{WRITE_FAULTS[code]}") from e
+
+
+def os_error_number(error):
+    """The errno of an OSError, or of a library's own error that only quotes it (safetensors says
+    'I/O error: No space left on device (os error 28)')."""
+    if isinstance(error, OSError):
+        return error.errno
+    quoted = re.search(r"\(os error (\d+)\)", str(error))
+    return int(quoted.group(1)) if quoted else None
 
 
 @contextlib.contextmanager

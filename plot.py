@@ -11,6 +11,7 @@ import math
 import os
 
 from configurator import ArgumentParser, UsageError, run_cli
+from faults import atomic_write, writing
 
 PANEL_INCHES = (4.5, 3.5)  # width, height of one panel; panels sit side by side
 DPI = 100  # so a panel is 450 x 350 pixels
@@ -117,10 +118,12 @@ def main():
     out = args.out or (os.path.join(args.out_dirs[0], "metrics.png") if len(args.out_dirs) == 1 else "runs.png")
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got '{out}'")
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
     fig = plot_runs(runs, args.title)
-    fig.savefig(out)  # no bbox_inches='tight': the size stays PANEL_INCHES x DPI per panel
+    with writing(out, kept="nothing was changed there"):
+        if os.path.dirname(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+        with atomic_write(out, "wb") as f:  # a full disk or Ctrl-C leaves the previous picture, not half a new one
+            fig.savefig(f, format="png")  # no bbox_inches='tight': the size stays PANEL_INCHES x DPI per panel
     print(f"wrote {out}")
 
 

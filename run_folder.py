@@ -26,8 +26,9 @@ LOCK_FILE = "train.lock"
 EARLIER_RUNS = "earlier-runs"
 # what a run writes into out_dir (train.py, and plot.py's default picture of it)
 RUN_FILE = re.compile(r"ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png|tensorboard")
-# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py: trim_metrics)
-LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl)\.tmp(\d+)")
+# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py: trim_metrics,
+# plot.py)
+LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png)\.tmp(\d+)")
 
 
 def make_run_folder(out_dir):

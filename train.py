@@ -353,7 +353,7 @@ def run():
         tensors, ckpt_meta = checkpoint_state()
         if master:
             save_checkpoint(ckpt_path, tensors, ckpt_meta)
-    distributed.finish(ddp)
+    distributed.finish(ddp, stop_group)  # collective: no process exits before the first one has saved
     if stop.signal is not None:
         if master:
             print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "

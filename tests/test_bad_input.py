@@ -57,7 +57,7 @@ def cases(root, out):
         "bad bool": (train("--bias=maybe"), "'bias' must be bool"),
         "bad compile": (train("--compile=maybe"), "compile must be True, False or 'auto'"),
         "bad optimizer": (train("--optimizer=adam"), "did you mean 'adamw'"),
-        "no equals sign": (train("--max_iters"), "must look like --max_iters=value"),
+        "no value": (train("--max_iters"), "--max_iters needs a value: --max_iters=VALUE or --max_iters VALUE"),
         "missing config": (("train.py", ["config/nope.py"]), "config file 'config/nope.py' not found"),
         "code in config": (("train.py", [str(root / "code_config.py")]), "only `name = value` lines"),
         "typo in config": (("train.py", [str(root / "typo_config.py")]), "did you mean 'learning_rate'"),

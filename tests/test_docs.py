@@ -362,7 +362,15 @@ def script_and_args(argv):
 
 
 def check_command(argv):
-    """Static checks for a command the tests do not run: its script, config and flags exist."""
+    """Static checks for a command the tests do not run: its script, config and flags exist. In a pipeline
+    (`printf ... | python generate.py ...`) each command is checked."""
+    if "|" in argv:
+        cut = argv.index("|")
+        check_command(argv[:cut])
+        check_command(argv[cut + 1:])
+        return
+    if argv[0] in ("printf", "echo"):
+        return
     script, args = script_and_args(argv)
     if script is None:
         assert argv[0] in ("pip", "python", "python3", "torchrun", "nvidia-smi", "ls", "cat", "head", "du"), \
@@ -385,6 +393,9 @@ def check_command(argv):
         elif script == "generate.py":
             import generate
             generate.parse_args(args)
+        elif script == "lens.py":
+            import lens
+            lens.parse_args(args)
     except UsageError as e:
         raise AssertionError(f"`{shlex.join(argv)}` is wrong: {e}")
     finally:

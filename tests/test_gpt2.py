@@ -2,7 +2,6 @@
 train.py --init_from=<dir>) and go out (export.py) with the same logits. No real GPT-2 weights are
 needed: small random GPT2LMHeadModels are saved with save_pretrained into tmp_path."""
 
-import json
 import os
 
 import pytest
@@ -193,13 +192,14 @@ def save_tiny_checkpoint(path, bias=True):
     return model.eval()
 
 
-def test_exported_char_model_has_our_logits_and_its_vocab_beside_it(tmp_path):
+def test_exported_char_model_has_our_logits_and_its_tokenizer_beside_it(tmp_path):
+    from transformers import AutoTokenizer
     ours = save_tiny_checkpoint(tmp_path / "char.pt")
     export.export(str(tmp_path / "char.pt"), str(tmp_path / "hf_char"))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf_char").eval()
-    vocab = json.loads((tmp_path / "hf_char" / "char_vocab.json").read_text(encoding="utf-8"))
-    assert vocab == {ch: i for i, ch in enumerate(CHARS)}
-    ids = torch.tensor([[vocab[ch] for ch in "ROMEO:\nBut, soft!"[:16]]])  # (1, 16)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf_char")
+    assert tokenizer.get_vocab() == {ch: i for i, ch in enumerate(CHARS)}
+    ids = tokenizer("ROMEO:\nBut, soft!"[:16], return_tensors="pt").input_ids  # (1, 16)
     with torch.no_grad():
         mine, _ = ours(ids, ids)
         assert (hf(ids).logits - mine).abs().max().item() <= 1e-5
@@ -249,5 +249,5 @@ def test_export_force_replaces_a_non_empty_directory(tmp_path):
     (tmp_path / "hf_model" / "stale.txt").write_text("old")
     export.main(["--ckpt", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf_model"), "--force"])
     files = set(os.listdir(tmp_path / "hf_model"))
-    assert "stale.txt" not in files and {"config.json", "char_vocab.json"} <= files
+    assert "stale.txt" not in files and {"config.json", "tokenizer.json"} <= files
     assert sorted(os.listdir(tmp_path)) == ["hf_model", "model.pt"]  # no temporary folders left behind

@@ -1,0 +1,300 @@
+"""
+See through a trained checkpoint: a local page that shows what the model does with a prompt.
+
+    python lens.py --ckpt out-shakespeare-char-cpu       # a run folder (its best_model.pt) or a checkpoint file
+    python lens.py --ckpt best_model.pt --port 8000      # the newest best_model.pt below this folder
+
+The page (lens/index.html, lens.js, lens.css) only draws: every number it shows comes from here, and
+here from the model's own code. An analysis is one traced forward (`model.py: GPT.forward(trace=...)`);
+the sampling settings reshape the probabilities through `model.py: sampling_probs`, the function that
+`sample_next` draws from; generation is `model.py: GPT.generate_stream`, seeded as `generate.py` seeds it.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+import torch
+from torch.nn import functional as F
+
+from configurator import ArgumentParser, UsageError, run_cli
+from generate import find_checkpoint, load_model, parse_args as generate_flags, pick_device
+from model import sampling_probs
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens")
+PAGE_FILES = {"/": ("index.html", "text/html"), "/lens.js": ("lens.js", "text/javascript"),
+              "/lens.css": ("lens.css", "text/css")}
+SETTINGS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")  # generate.py's flags, same names
+TOP = 20  # tokens in the next-token view
+STACK_TOP = 5  # predictions per layer at the chosen position
+ATTENTION_LIMIT = 2_000_000  # the most weights (layers x heads x T x T) one answer carries to the page
+
+
+def sampling_settings(fields):
+    """The page's settings, checked by generate.py's own flag parser (so the same values are refused with
+    the same words); a missing field takes generate.py's default, an empty top_k or top_p means off."""
+    given = {key: str(fields[key]).strip() for key in SETTINGS if fields.get(key) is not None}
+    flags = vars(generate_flags([f"--{key}={value}" for key, value in given.items() if value]))
+    return {key: None if given.get(key) == "" and key in ("top_k", "top_p") else flags[key] for key in SETTINGS}
+
+
+def rounded(tensor, digits=6):
+    """A tensor as nested lists of short decimals: JSON stays small and the sums still hold to 1e-5."""
+    return tensor.double().round(decimals=digits).tolist()
+
+
+class Lens:
+    """A loaded model and its tokenizer, and the questions the page asks of them. One request uses the model
+    at a time; a generation takes the lock for each of its steps, so the page stays answerable meanwhile."""
+
+    def __init__(self, model, tokenizer, path, device):
+        self.model, self.tokenizer, self.path, self.device = model, tokenizer, path, device
+        self.lock = threading.Lock()
+
+    def describe(self):
+        config = self.model.config
+        return {"checkpoint": self.path, "device": self.device, "dtype": str(self.model.lm_head.weight.dtype)[6:],
+                "tokenizer": self.tokenizer.describe()["kind"], "n_layer": config.n_layer, "n_head": config.n_head,
+                "n_embd": config.n_embd, "block_size": config.block_size, "vocab_size": config.vocab_size,
+                "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP}
+
+    def example_prompt(self):
+        try:
+            self.tokenizer.encode("ROMEO:")
+            return "ROMEO:"
+        except UsageError:  # a char model of another text: the learner types its own
+            return ""
+
+    def token(self, i, p=None):
+        """{id, text} of token id i, with its probability p when given."""
+        # a model's vocabulary can be padded past the tokenizer's (GPT-2's 50257 to 50304): ids never seen
+        text = self.tokenizer.decode([i]) if i < self.tokenizer.vocab_size else f"<unused {i}>"
+        return {"id": i, "text": text} if p is None else {"id": i, "text": text, "p": round(p, 6)}
+
+    def prompt_ids(self, prompt):
+        """(ids the model sees, a note when the prompt was cut to block_size or None)."""
+        ids = self.tokenizer.encode(prompt) if prompt else []  # an unknown character is a UsageError
+        if not ids:
+            raise UsageError("the prompt is empty; type some text")
+        block_size = self.model.config.block_size
+        if len(ids) <= block_size:
+            return ids, None
+        return ids[-block_size:], (f"the prompt is {len(ids)} tokens long; the model sees at most block_size = "
+                                   f"{block_size} at once, so this shows its last {block_size}")
+
+    def analyse(self, fields):
+        """Everything the page shows about a prompt, from one forward of the model."""
+        ids, note = self.prompt_ids(fields.get("prompt", ""))
+        settings = sampling_settings(fields)
+        position = chosen_position(fields.get("position"), len(ids))
+        trace = {}
+        with self.lock, torch.no_grad():
+            self.model(torch.tensor([ids], device=self.device), trace=trace)  # the one forward
+            stages = []
+            for layer, x in enumerate(trace["residual"]):
+                summary, logits = self.stage(layer, x[0], position)
+                stages.append(summary)
+            # the lens of the last block's stream is the model's own prediction, at every position
+            return {"tokens": [self.token(i) for i in ids], "note": note, "position": position,
+                    "settings": settings, "next": self.next_token(logits[position], settings),
+                    "stack": stages, **self.attention(trace["attention"], len(ids))}
+
+    def stage(self, layer, x, position):
+        """(summary, logits (T, V)) of the residual stream x (T, C) after `layer` blocks: its size, and what the
+        model would predict if it stopped here (the final LayerNorm and the head applied to it: the logit lens)."""
+        logits = self.model.lm_head(self.model.transformer.ln_f(x)).float()  # (T, V)
+        probs = F.softmax(logits, dim=-1)
+        top_p, top_id = probs.max(dim=-1)  # (T,)
+        detail = torch.topk(probs[position], STACK_TOP)
+        return {"name": "embeddings" if layer == 0 else f"block {layer}", "norm": rounded(x.float().norm(dim=-1), 3),
+                "top": [self.token(i, p) for i, p in zip(top_id.tolist(), top_p.tolist())],
+                "detail": [self.token(i, p) for i, p in zip(detail.indices.tolist(), detail.values.tolist())]}, logits
+
+    def next_token(self, logits, settings):
+        """The model's top tokens after one position, and what the sampling settings make of them."""
+        probs = F.softmax(logits, dim=-1)  # (V,)
+        sampled = sampling_probs(logits[None], settings["temperature"], settings["top_k"], settings["top_p"])[0]
+        top = torch.topk(probs, min(TOP, probs.numel()))
+        rows = [dict(self.token(i, p), sampled=round(sampled[i].item(), 6))
+                for i, p in zip(top.indices.tolist(), top.values.tolist())]
+        return {"top": rows, "kept": int((sampled > 0).sum()), "vocab_size": probs.numel(),
+                "rest": round(1 - top.values.sum().item(), 6),
+                "rest_sampled": round(1 - sampled[top.indices].sum().item(), 6)}
+
+    def attention(self, weights, T):
+        """Every layer's and head's weights (nh, T, T), unless there are too many to send to a page."""
+        config = self.model.config
+        if config.n_layer * config.n_head * T * T <= ATTENTION_LIMIT:
+            return {"attention": [rounded(w[0], 5) for w in weights], "attention_note": None}
+        most = math.isqrt(ATTENTION_LIMIT // (config.n_layer * config.n_head))
+        return {"attention": None, "attention_note": f"attention is shown for prompts of up to {most} tokens "
+                                                     f"with this model's {config.n_layer} x {config.n_head} heads"}
+
+    def generate(self, fields):
+        """Yield each new token ({id, text, p, p_model}) of model.generate_stream, seeded as generate.py seeds:
+        p is the probability it had under the sampling settings, p_model under the model alone."""
+        prompt = fields.get("prompt", "")
+        ids = self.tokenizer.encode(prompt) if prompt else []
+        if not ids:
+            raise UsageError("the prompt is empty; type some text")
+        s = sampling_settings(fields)
+        generator = torch.Generator(device=self.device).manual_seed(s["seed"])  # as generate.py: same seed, same text
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        fired, replayed, me = [], {}, threading.current_thread()
+
+        def keep_logits(module, args, output):  # generate_stream's own forwards, not other requests'
+            if threading.current_thread() is me:
+                fired.append(output[0])  # (1, 1, V)
+                if output[0].is_cuda and torch.cuda.is_current_stream_capturing():
+                    replayed["logits"] = output[0]  # the buffer that each replay of the recorded step rewrites
+
+        hook = self.model.register_forward_hook(keep_logits)
+        try:
+            stream = self.model.generate_stream(x, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                                                generator=generator)
+            while True:
+                with self.lock:
+                    fired.clear()
+                    token = next(stream, None)
+                    if token is None:
+                        return
+                    # the step's own forward; none fired when it was a replay of a CUDA graph (DecodeStep)
+                    logits = (fired[-1] if fired else replayed["logits"])[:, -1, :].float()  # (1, V)
+                    i = token.item()
+                    p = sampling_probs(logits, s["temperature"], s["top_k"], s["top_p"])[0, i].item()
+                    p_model = F.softmax(logits, dim=-1)[0, i].item()
+                yield dict(self.token(i, p), p_model=round(p_model, 6))
+        finally:
+            hook.remove()
+
+    def generate_command(self, fields):
+        """The generate.py command that prints the same text."""
+        s = sampling_settings(fields)
+        top_k = s["top_k"] or self.model.config.vocab_size  # keeping every token is what "off" does
+        top_p = [] if s["top_p"] is None else ["--top_p", str(s["top_p"])]
+        return shlex.join(["python", "generate.py", "--ckpt", self.path, "--start", fields.get("prompt", ""),
+                           "--seed", str(s["seed"]), "--temperature", str(s["temperature"]), "--top_k", str(top_k),
+                           *top_p, "--max_new_tokens", str(s["max_new_tokens"]), "--device", self.device])
+
+
+def chosen_position(value, T):
+    """The position the page asks about; none (or one past the prompt, after an edit) means the last."""
+    if value in (None, ""):
+        return T - 1
+    try:
+        position = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"the position must be a whole number, got {value!r}")
+    return position if 0 <= position < T else T - 1
+
+
+class Handler(BaseHTTPRequestHandler):
+    """The page's files, and its three questions: /api/model, /api/analyze (POST) and /api/generate (a stream)."""
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        if url.path in PAGE_FILES:
+            self.send_page_file(*PAGE_FILES[url.path])
+        elif url.path == "/api/model":
+            self.send_json(self.server.lens.describe())
+        elif url.path == "/api/generate":
+            self.stream_generation(dict(parse_qsl(url.query, keep_blank_values=True)))
+        else:
+            self.send_json({"error": f"nothing at {url.path}"}, HTTPStatus.NOT_FOUND)
+
+    def do_POST(self):
+        if urlsplit(self.path).path != "/api/analyze":
+            return self.send_json({"error": f"nothing to post to at {self.path}"}, HTTPStatus.NOT_FOUND)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            fields = json.loads(body or b"{}")
+            if not isinstance(fields, dict):
+                raise UsageError("the request must be a JSON object of the page's fields")
+            answer = self.server.lens.analyse(fields)
+        except json.JSONDecodeError as e:
+            return self.send_json({"error": f"the request is not JSON ({e})"}, HTTPStatus.BAD_REQUEST)
+        except UsageError as e:
+            return self.send_json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+        self.send_json(answer)
+
+    def stream_generation(self, fields):
+        """Server-sent events: one `token` event per new token, then `done` (or `failure` with a message)."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        lens, ids = self.server.lens, []
+        try:
+            for token in lens.generate(fields):
+                ids.append(token["id"])
+                self.send_event("token", token)
+            self.send_event("done", {"text": lens.tokenizer.decode(ids), "command": lens.generate_command(fields)})
+        except UsageError as e:
+            self.send_event("failure", {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the page stopped listening (its Stop button, or the tab was closed)
+
+    def send_event(self, name, data):
+        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
+    def send_json(self, data, status=HTTPStatus.OK):
+        self.send_bytes(json.dumps(data).encode("utf-8"), "application/json", status)
+
+    def send_page_file(self, name, content_type):
+        with open(os.path.join(PAGE_DIR, name), "rb") as f:
+            self.send_bytes(f.read(), f"{content_type}; charset=utf-8")
+
+    def send_bytes(self, body, content_type, status=HTTPStatus.OK):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass  # the terminal keeps only the link; what goes wrong is said on the page
+
+
+def make_server(lens, host, port):
+    """A threading HTTP server for the page on host:port (port 0: a free one), not yet serving."""
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port, "
+                         "or leave it out for a free one")
+    server.lens = lens
+    return server
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="A local page that shows what a GlassGPT checkpoint does with a prompt.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="best_model.pt",
+                   help="a run folder (its best_model.pt) or a checkpoint file; a bare name is the newest one here")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (the default is this machine only)")
+    p.add_argument("--port", type=int, default=0, help="the port; 0 = a free one")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    path = find_checkpoint(args.ckpt)
+    model, tokenizer = load_model(path, device, args.dtype)
+    with make_server(Lens(model, tokenizer, path, device), args.host, args.port) as server:
+        host, port = server.server_address[:2]
+        print(f"GlassGPT lens of {path}: http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    run_cli(main, interrupted_hint="the lens has stopped")

@@ -1,0 +1,334 @@
+"use strict";
+// The page draws what lens.py answers: every number comes from the model's own code on the server,
+// none is computed here. body[data-pending] is set while an answer is on its way (the tests wait on it).
+
+const $ = (id) => document.getElementById(id);
+const SETTINGS = ["temperature", "top_k", "top_p", "seed", "max_new_tokens"];
+const MASKED = [229, 231, 235];  // the causal mask's cells (a query never sees a later key): light grey
+const BLUE = [37, 99, 235];
+const state = { model: null, answer: null, position: null, head: null, asked: 0, stream: null, timer: null };
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key === "style") node.style.cssText = value;
+    else node[key] = value;
+  }
+  node.append(...children);
+  return node;
+}
+
+// whitespace made visible, so that a space or a newline token can be seen and clicked
+const shown = (text) => text.replace(/ /g, "␣").replace(/\n/g, "⏎").replace(/\t/g, "⇥");
+const pct = (p) => `${(100 * p).toFixed(2)}%`;
+const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+
+function say(text) {
+  $("message").hidden = !text;
+  $("message").textContent = text || "";
+}
+
+function fields() {
+  const f = { prompt: $("prompt").value };
+  for (const key of SETTINGS) f[key] = $(key).value;
+  return f;
+}
+
+async function start() {
+  const m = state.model = await (await fetch("/api/model")).json();
+  $("model-info").textContent = `${m.checkpoint}: ${m.n_layer} layers × ${m.n_head} heads × ${m.n_embd} wide, ` +
+    `block_size ${m.block_size}, ${m.vocab_size} tokens (${m.tokenizer}), on ${m.device} in ${m.dtype}`;
+  for (const key of SETTINGS) $(key).value = m.defaults[key] ?? "";
+  $("prompt").value = m.example;
+  $("prompt").addEventListener("input", () => { state.position = null; later(); });
+  for (const key of ["temperature", "top_k", "top_p"]) $(key).addEventListener("input", later);
+  document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showView(b.dataset.view)));
+  $("query").addEventListener("input", drawHeadRow);
+  $("head-canvas").addEventListener("mousemove", readHeadCell);
+  $("head-canvas").addEventListener("click", chooseQuery);
+  $("generate").addEventListener("click", generate);
+  $("stop").addEventListener("click", () => finishGenerating("stopped"));
+  showView("tokens");
+  analyse();
+}
+
+function showView(name) {
+  document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === `view-${name}`));
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.view === name));
+}
+
+// typing asks once the keys pause, not once per key
+function later() {
+  document.body.dataset.pending = "1";
+  clearTimeout(state.timer);
+  state.timer = setTimeout(analyse, 150);
+}
+
+async function analyse() {
+  document.body.dataset.pending = "1";
+  const asked = ++state.asked;
+  const response = await fetch("/api/analyze", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...fields(), position: state.position ?? "" }),
+  });
+  const answer = await response.json();
+  if (asked !== state.asked) return;  // a newer question is on its way
+  state.answer = response.ok ? answer : null;
+  say(response.ok ? "" : answer.error);
+  $("note").hidden = !answer.note;
+  $("note").textContent = answer.note || "";
+  if (state.answer) {
+    state.position = answer.position;
+    drawTokens(); drawNext(); drawAttention(); drawStack();
+  } else {
+    for (const id of ["tokens", "next-bars", "heads", "stack", "stack-detail"]) $(id).replaceChildren();
+    for (const id of ["next-title", "next-summary", "stack-title"]) $(id).textContent = "";
+    $("head-detail").hidden = true;
+  }
+  delete document.body.dataset.pending;
+}
+
+function choosePosition(i) {
+  state.position = i;
+  analyse();
+}
+
+// ---- Tokens ----------------------------------------------------------------------------------
+
+function drawTokens() {
+  const tokens = state.answer.tokens;
+  const bpe = state.model.tokenizer !== "char";
+  $("tokens").replaceChildren(...tokens.map((t, i) => {
+    // a BPE token that goes on with the letters of the one before: the tokenizer cut a word here
+    const cont = bpe && i > 0 && /[\p{L}\p{N}]$/u.test(tokens[i - 1].text) && /^[\p{L}\p{N}]/u.test(t.text);
+    const chip = el("span", {
+      className: `tok${cont ? " cont" : ""}${i === state.position ? " chosen" : ""}`,
+      title: `position ${i}, id ${t.id}${cont ? ": the same word as the token before" : ""}`,
+      dataset: { position: i, id: t.id },
+    }, shown(t.text), el("small", {}, String(t.id)));
+    chip.addEventListener("click", () => choosePosition(i));
+    return chip;
+  }));
+}
+
+// ---- Next token ------------------------------------------------------------------------------
+
+function drawNext() {
+  const { next, settings: s, tokens, position } = state.answer;
+  $("next-title").textContent = `after position ${position} (“${shown(tokens[position].text)}”)`;
+  const scale = Math.max(...next.top.map((r) => Math.max(r.p, r.sampled)));
+  const rows = next.top.map((r, rank) => el("tr", { dataset: { id: r.id, p: r.p, sampled: r.sampled } },
+    el("td", {}, String(rank + 1)),
+    el("td", { className: "mono" }, shown(r.text)),
+    el("td", { className: "mono" }, `id ${r.id}`),
+    el("td", {}, el("div", { className: "bar" },
+      el("span", { className: "model", style: `width: ${100 * r.p / scale}%` }),
+      el("span", { className: "sampled", style: `width: ${100 * r.sampled / scale}%` }))),
+    el("td", {}, pct(r.p)),
+    el("td", {}, pct(r.sampled))));
+  const head = el("tr", {}, ...["", "token", "", "", "model", "sampled"].map((h) => el("th", {}, h)));
+  $("next-bars").replaceChildren(head, ...rows);
+  $("next-summary").textContent =
+    `temperature ${s.temperature}, top-k ${s.top_k ?? "off"}, top-p ${s.top_p ?? "off"}: ` +
+    `${next.kept} of ${next.vocab_size} tokens can be drawn. The tokens not listed hold ${pct(next.rest)} ` +
+    `of the model's probability and ${pct(next.rest_sampled)} after the settings.`;
+}
+
+// ---- Attention -------------------------------------------------------------------------------
+
+function drawAttention() {
+  const { attention, attention_note: note } = state.answer;
+  $("attention-note").hidden = !note;
+  $("attention-note").textContent = note || "";
+  $("heads").replaceChildren();
+  $("head-detail").hidden = !attention || !state.head;
+  if (!attention) return;
+  $("heads").style.gridTemplateColumns = `auto repeat(${state.model.n_head}, 130px)`;
+  attention.forEach((layer, l) => {
+    $("heads").append(el("div", {}, `layer ${l + 1}`));
+    layer.forEach((weights, h) => {
+      const canvas = el("canvas");
+      paint(canvas, weights, Math.max(1, Math.floor(120 / weights.length)), 0);
+      const chosen = state.head && state.head.layer === l && state.head.head === h;
+      const figure = el("figure", { className: chosen ? "chosen" : "", dataset: { layer: l, head: h } },
+        canvas, el("figcaption", {}, `layer ${l + 1}, head ${h + 1}`));
+      figure.addEventListener("click", () => chooseHead(l, h));
+      $("heads").append(figure);
+    });
+  });
+  if (state.head) drawHead();
+}
+
+// one pixel per (query, key): blue, deeper for more weight (square root: small weights stay visible), grey where
+// the causal mask hides the key
+function heatmap(weights) {
+  const T = weights.length;
+  const image = new ImageData(T, T);
+  for (let q = 0; q < T; q++) {
+    for (let k = 0; k < T; k++) {
+      const shade = k > q ? null : Math.sqrt(weights[q][k]);
+      const rgb = shade === null ? MASKED : BLUE.map((c) => Math.round(255 + (c - 255) * shade));  // blue over white
+      image.data.set([...rgb, 255], 4 * (q * T + k));
+    }
+  }
+  return image;
+}
+
+// the heatmap drawn with cells of `cell` pixels, leaving a margin at the top and left for labels
+function paint(canvas, weights, cell, margin) {
+  const T = weights.length;
+  const pixels = el("canvas", { width: T, height: T });
+  pixels.getContext("2d").putImageData(heatmap(weights), 0, 0);
+  canvas.width = canvas.height = margin + T * cell;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(pixels, margin, margin, T * cell, T * cell);
+}
+
+function chooseHead(layer, head) {
+  state.head = { layer, head };
+  document.querySelectorAll("#heads figure").forEach((f) =>
+    f.classList.toggle("chosen", +f.dataset.layer === layer && +f.dataset.head === head));
+  $("query").value = state.position;
+  drawHead();
+}
+
+function headGeometry() {
+  const T = state.answer.tokens.length;
+  const cell = Math.max(4, Math.floor(400 / T));
+  return { T, cell, margin: cell >= 12 ? 30 : 0 };  // token labels on the axes when they fit
+}
+
+function drawHead() {
+  const { layer, head } = state.head;
+  const weights = state.answer.attention[layer][head];
+  const { T, cell, margin } = headGeometry();
+  const canvas = $("head-canvas");
+  paint(canvas, weights, cell, margin);
+  if (margin) {
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#374151";
+    ctx.font = `${Math.min(12, cell - 2)}px monospace`;
+    ctx.textAlign = "center";
+    state.answer.tokens.forEach((t, i) => {
+      const label = shown(t.text).slice(0, 2);
+      ctx.fillText(label, margin + (i + 0.5) * cell, margin - 8);  // keys along the top
+      ctx.fillText(label, margin / 2, margin + (i + 0.7) * cell);   // queries down the side
+    });
+  }
+  $("head-title").textContent = `layer ${layer + 1}, head ${head + 1}: rows are queries, columns keys`;
+  $("head-detail").hidden = false;
+  $("query").max = T - 1;
+  if (+$("query").value > T - 1) $("query").value = T - 1;
+  drawHeadRow();
+}
+
+function cellAt(event) {
+  const { T, cell, margin } = headGeometry();
+  const k = Math.floor((event.offsetX - margin) / cell), q = Math.floor((event.offsetY - margin) / cell);
+  return q >= 0 && q < T && k >= 0 && k < T ? { q, k } : null;
+}
+
+function readHeadCell(event) {
+  const at = cellAt(event);
+  if (!at) return;
+  const { tokens, attention } = state.answer;
+  const w = attention[state.head.layer][state.head.head][at.q][at.k];
+  $("head-readout").textContent = `query ${at.q} “${shown(tokens[at.q].text)}” → key ${at.k} ` +
+    `“${shown(tokens[at.k].text)}”: ${at.k > at.q ? "masked (0)" : w.toFixed(5)}`;
+}
+
+function chooseQuery(event) {
+  const at = cellAt(event);
+  if (!at) return;
+  $("query").value = at.q;
+  drawHeadRow();
+}
+
+// the weights one query gives every key: they sum to 1, and the keys after it get 0
+function drawHeadRow() {
+  if (!state.answer || !state.head || !state.answer.attention) return;
+  const { tokens, attention } = state.answer;
+  const q = Math.min(Math.max(0, Math.floor(+$("query").value || 0)), tokens.length - 1);
+  const row = attention[state.head.layer][state.head.head][q];
+  const head = el("tr", {}, el("th", {}, "key"), el("th", {}, "token"), el("th", {}, `weight from query ${q}`));
+  const cells = row.map((w, k) => el("tr", { className: k > q ? "masked" : "", dataset: { key: k, w } },
+    el("td", {}, String(k)), el("td", { className: "mono" }, shown(tokens[k].text)),
+    el("td", {}, k > q ? "0 (masked)" : w.toFixed(5))));
+  const sum = el("tr", {}, el("td"), el("td", {}, "sum"), el("td", {}, row.reduce((a, b) => a + b, 0).toFixed(5)));
+  $("head-row").replaceChildren(head, ...cells, sum);
+}
+
+// ---- Inside the stack ------------------------------------------------------------------------
+
+function drawStack() {
+  const { stack, tokens, position } = state.answer;
+  const biggest = Math.max(...stack.map((s) => mean(s.norm)));
+  const head = el("tr", {}, el("th", {}, "stream after"), ...tokens.map((t, i) =>
+    el("th", { className: i === position ? "chosen" : "" }, shown(t.text))));
+  const rows = stack.map((stage) => el("tr", { dataset: { stage: stage.name } },
+    el("th", { className: "layer", title: "the mean norm of the stream's vectors over the positions" },
+      `${stage.name}  ‖x‖ ${mean(stage.norm).toFixed(1)}`,
+      el("span", { className: "norm", style: `width: ${60 * mean(stage.norm) / biggest}px` })),
+    ...stage.top.map((t, i) => el("td", {
+      className: i === position ? "chosen" : "",
+      style: `background: rgba(22, 163, 74, ${t.p})`,
+      title: `after position ${i}: “${shown(t.text)}” ${pct(t.p)}; ‖x‖ = ${stage.norm[i]}`,
+      dataset: { position: i, id: t.id, p: t.p },
+    }, shown(t.text)))));
+  $("stack").replaceChildren(head, ...rows);
+  $("stack-title").textContent = `after position ${position} (“${shown(tokens[position].text)}”), layer by layer`;
+  $("stack-detail").replaceChildren(
+    el("tr", {}, ...["stream after", "‖x‖", "top predictions of the logit lens"].map((h) => el("th", {}, h))),
+    ...stack.map((stage) => el("tr", {},
+      el("td", {}, stage.name), el("td", {}, stage.norm[position].toFixed(2)),
+      el("td", { className: "mono" }, stage.detail.map((t) => `“${shown(t.text)}” ${pct(t.p)}`).join("   ")))));
+}
+
+// ---- Generate --------------------------------------------------------------------------------
+
+function generate() {
+  finishGenerating("");
+  const asked = fields();
+  const out = $("generated");
+  out.replaceChildren(el("span", { className: "prompt" }, asked.prompt));
+  delete out.dataset.text;
+  $("generate-summary").textContent = "generating…";
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  const stream = state.stream = new EventSource(`/api/generate?${new URLSearchParams(asked)}`);
+  stream.addEventListener("token", (event) => {
+    const t = JSON.parse(event.data);
+    out.append(el("span", {
+      className: "gen", dataset: { id: t.id, p: t.p, pModel: t.p_model },
+      title: `id ${t.id}: ${pct(t.p)} under the settings, ${pct(t.p_model)} under the model alone`,
+    }, el("b", { style: `background: rgba(37, 99, 235, ${0.6 * t.p})` }, t.text.replace(/\n/g, "⏎")),
+    el("small", {}, (100 * t.p).toFixed(0))));
+    if (t.text.includes("\n")) out.append(el("br"));
+  });
+  stream.addEventListener("done", (event) => {
+    const done = JSON.parse(event.data);
+    out.dataset.text = asked.prompt + done.text;
+    finishGenerating(`${out.querySelectorAll(".gen").length} tokens (the small number under each: its ` +
+      "probability in %). The same text from the command line:");
+    $("generate-summary").append(el("code", {}, done.command));
+  });
+  stream.addEventListener("failure", (event) => {
+    say(JSON.parse(event.data).error);
+    finishGenerating("nothing generated");
+  });
+  stream.onerror = () => finishGenerating("the lens server stopped answering");
+}
+
+function finishGenerating(summary) {
+  if (state.stream) state.stream.close();
+  state.stream = null;
+  $("generate").disabled = false;
+  $("stop").disabled = true;
+  if (summary) $("generate-summary").textContent = summary;
+}
+
+start().then(() => { window.lensReady = true; });
