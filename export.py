@@ -135,7 +135,8 @@ def export(ckpt_path, out, force=False):
 def main(argv=None):
     p = ArgumentParser(description="Export a GlassGPT checkpoint as a Hugging Face GPT-2 directory.")
     p.add_argument("--ckpt", required=True,
-                   help="a checkpoint written by train.py (best_model.pt or ckpt.pt), or a run folder (its best_model.pt)")
+                   help="a checkpoint written by train.py (best_model.pt or ckpt.pt), or a run folder "
+                        "(its best_model.pt)")
     p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files")
     args = p.parse_args(argv)

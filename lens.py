@@ -24,7 +24,8 @@ import torch
 from torch.nn import functional as F
 
 from configurator import ArgumentParser, UsageError, run_cli
-from generate import find_checkpoint, load_model, parse_args as generate_flags, pick_device
+from devices import pick_device
+from generate import find_checkpoint, load_model, parse_args as generate_flags
 from model import sampling_probs
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens")
