@@ -156,10 +156,13 @@ class StopRequest:
     def agreed(self):
         """Whether to stop after this step. Under torchrun the processes agree after every step, whichever of
         them got the signal, so that all stop after the same one (collective); the flag is a CPU tensor
-        all-reduced over gloo, which never waits for the GPU."""
-        if self.ddp:
-            import torch
-            flag = torch.tensor([self.signal or 0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-            self.signal = int(flag) or None
-        return self.signal is not None
+        all-reduced over gloo, which never waits for the GPU. A signal that comes after this process sent its
+        flag is kept for the next step, never overwritten by the agreement."""
+        if not self.ddp:
+            return self.signal is not None
+        import torch
+        flag = torch.tensor([self.signal or 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        if int(flag):
+            self.signal = self.signal or int(flag)  # the processes that got no signal stop for it too
+        return bool(int(flag))
