@@ -115,3 +115,8 @@ ONE_PLACE = [  # (what, a pattern that finds it, the one module allowed to have 
 def test_each_idea_is_written_once(what, pattern, home):
     having = [m for m in modules() if m not in BENCHMARKS and re.search(pattern, source(m))]
     assert having == [home], f"{what} is written in {having}, not only in {home}"
+
+
+def test_the_readme_layout_lists_every_module():
+    layout = source("README.md").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    assert not [m for m in modules() if f"`{m}`" not in layout]
