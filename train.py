@@ -588,12 +588,15 @@ def run():
 def stop_agreed(stop, ddp, group):
     """Whether to stop after this step. Under torchrun the processes agree after every step, whichever of
     them got the signal, so that all stop after the same one; the flag is a CPU tensor all-reduced over
-    gloo (`group`), which never waits for the GPU."""
-    if ddp:
-        flag = torch.tensor([stop["signal"] or 0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-        stop["signal"] = int(flag) or None
-    return stop["signal"] is not None
+    gloo (`group`), which never waits for the GPU. A signal that comes after this process sent its flag is
+    kept for the next step, never overwritten by the agreement."""
+    if not ddp:
+        return stop["signal"] is not None
+    flag = torch.tensor([stop["signal"] or 0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if int(flag):
+        stop["signal"] = stop["signal"] or int(flag)  # the processes that got no signal stop for it too
+    return bool(int(flag))
 
 
 class EvalAbandoned(Exception):
