@@ -263,8 +263,7 @@ def check_train_config(c):
     if init not in INIT_CHOICES and not os.path.isdir(init):
         raise UsageError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a Hugging Face model "
                          f"directory, got {init!r}{closest(init, INIT_CHOICES)}")
-    if c["fsdp"] and c["inspect"]:
-        raise UsageError("inspect=True runs in one process; drop fsdp=True (and torchrun) for it")
+
 
 def first_line(error, width=120):
     """An exception's message cut to its first line and `width` characters, for one-line errors."""

@@ -121,6 +121,8 @@ def run():
     elif fsdp:
         raise UsageError("fsdp=True shards the model across processes: launch it with "
                          "torchrun --standalone --nproc_per_node=N train.py ...")
+    if fsdp and inspect:
+        raise UsageError("inspect=True runs in one process; drop fsdp=True (and torchrun) for it")
     master = rank == 0  # only this process logs, evaluates-and-saves and writes files
     device_type = devices.device_type(dev)
     dtype_name = pick_dtype(dtype, device_type, n_embd)

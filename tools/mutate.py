@@ -1,8 +1,9 @@
 """Mutation check: does the test suite notice the bugs a change to the code is likely to make?
 
-Each mutation below is one realistic one-line bug. For each, the repository (as git sees it, with
-uncommitted changes) is copied to a scratch folder, the bug is applied there, and the suite runs until
-its first failure, the mutation's own likely test files first. A mutation the suite passes is MISSED.
+Each mutation below is one realistic one-line bug. For each, the repository (its tracked files, with
+their uncommitted changes) is copied to a scratch folder, the bug is applied there, and the suite runs
+until its first failure, the mutation's own likely test files first. A mutation the suite passes is
+MISSED. The suite must pass on an unmutated copy first, or no score means anything.
 The docs test that matches quoted code text is left out: a bug must be caught by a behaviour, not by a
 changed quote.
 
@@ -125,8 +126,8 @@ MUTATIONS = [
 
 
 def scratch_copy(dest):
-    """The files git knows of (tracked, and untracked but not ignored), as they are on disk now."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+    """The files git tracks, as they are on disk now."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, listed):
         source = os.path.join(ROOT, name)
@@ -172,6 +173,12 @@ def main():
             print(f"{n:3d}  {path:<14} {what}")
         return
     start, missed = time.perf_counter(), []
+    with tempfile.TemporaryDirectory(prefix="unmutated-") as folder:
+        scratch_copy(folder)
+        failed, by = run_suite(folder, [], args.fast)
+    if failed:
+        raise SystemExit(f"error: the suite fails without any mutation ({by}); make it pass first")
+    print(f"unmutated copy: the suite passes ({time.perf_counter() - start:.0f} s)", flush=True)
     for n in chosen:
         path, old, new, what, focus = MUTATIONS[n - 1]
         with tempfile.TemporaryDirectory(prefix="mutant-") as folder:
