@@ -15,7 +15,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from decoding import DecodeStep
-from optim import Muon
 
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's
@@ -263,6 +262,7 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if optimizer != "muon":
             return [adamw]
+        from optim import Muon  # training code: sampling, which imports this file, never loads it
         return [adamw, Muon([{"params": muon, "name": "muon"}], lr=learning_rate, weight_decay=weight_decay,
                             ns_dtype=muon_dtype)]
 

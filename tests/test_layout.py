@@ -74,10 +74,13 @@ def test_machinery_never_imports_an_entry_script():
         assert not imported_modules(name) & {m[:-3] for m in ENTRY_SCRIPTS - {"data.py"}}, name
 
 
-def test_sampling_loads_no_training_code():
-    code = "import sys, generate; print(' '.join(sorted(sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.split())
+def test_sampling_loads_no_training_code(trained_run):
+    out, _ = trained_run
+    code = ("import sys, generate; generate.load_model(sys.argv[1], 'cpu'); "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code, str(out / "best_model.pt")], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split())
+    assert "model" in loaded
     assert not loaded & {"train", "optim", "health", "metrics", "estimate", "run_folder", "distributed", "filelock"}
 
 
