@@ -77,7 +77,8 @@ def change(settings, command, parse_args):
     if name == "settings":
         return describe(settings)
     if name not in SETTINGS:
-        raise UsageError(f"unknown command '/{name}'{closest(name, COMMANDS)}; /help lists them")
+        suggestion = closest(name, COMMANDS).replace("mean '", "mean '/")
+        raise UsageError(f"unknown command '/{name}'{suggestion}; /help lists them")
     if not value:
         raise UsageError(f"/{name} needs a value, e.g. /{name} {getattr(parse_args([]), name) or 'off'}")
     if name in CAN_BE_OFF and value.lower() in ("off", "none"):

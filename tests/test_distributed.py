@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -66,3 +68,31 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_loads_for_generation(
 def test_fsdp_without_torchrun_is_one_clear_line(char_data, tmp_path):
     result = run_script("train.py", *args(char_data, tmp_path / "o", "--fsdp=True"))
     assert result.returncode == 2 and "launch it with torchrun" in result.stderr
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(char_data, tmp_path):
+    """log_interval=10: the processes agree on stopping after every step, not only on log steps, so one
+    that got Ctrl-C never leaves the other waiting in a collective (issue 20)."""
+    import psutil
+    out = tmp_path / "o"
+    env = dict(os.environ, GLASSGPT_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), *args(char_data, out, "--max_iters=100000", "--eval_interval=100000",
+                                                     "--log_interval=10", "--eval_at_start=False")]
+    torchrun = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in torchrun.stdout:  # the first log line: both processes are stepping
+            if line.startswith("iter 10:"):
+                break
+        workers = {p.environ().get("RANK"): p for p in psutil.Process(torchrun.pid).children(recursive=True)
+                   if p.environ().get("RANK") is not None}
+        workers["1"].send_signal(signal.SIGINT)  # the process that does not log: rank 1
+        stdout, stderr = torchrun.communicate(timeout=120)
+    finally:
+        torchrun.kill()
+        torchrun.wait()
+    stopped = re.search(r"stopped at iteration (\d+); \S+ckpt\.pt saved", stdout)
+    assert stopped, stdout[-2000:] + stderr[-3000:]
+    assert load_checkpoint(out / "ckpt.pt")[1]["iter_num"] == int(stopped.group(1)) >= 10
+    # rank 1 ended by the stop (torchrun then ends rank 0, which has saved by then), not by a broken collective
+    assert "exitcode  : 130" in stderr and "RuntimeError" not in stderr and "Connection closed" not in stderr

@@ -251,3 +251,65 @@ def test_export_force_replaces_a_non_empty_directory(tmp_path):
     files = set(os.listdir(tmp_path / "hf_model"))
     assert "stale.txt" not in files and {"config.json", "tokenizer.json"} <= files
     assert sorted(os.listdir(tmp_path)) == ["hf_model", "model.pt"]  # no temporary folders left behind
+
+
+# ---- exports in Hugging Face's own tools: AutoTokenizer, pipeline, the README's snippets (issue 20) -------
+
+
+def our_greedy_text(model, tokenizer, prompt, new_tokens):
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    return tokenizer.decode(model.generate(ids, new_tokens, temperature=0.0)[0].tolist())
+
+
+def test_a_char_export_encodes_decodes_and_generates_in_transformers_as_ours(tmp_path):
+    from transformers import pipeline
+    from data import CharTokenizer
+    ours = save_tiny_checkpoint(tmp_path / "char.pt")
+    export.export(str(tmp_path / "char.pt"), str(tmp_path / "hf_char"))
+    theirs, mine = AutoTokenizer.from_pretrained(tmp_path / "hf_char"), CharTokenizer(CHARS)
+    rng = torch.Generator().manual_seed(0)
+    texts = ["ROMEO:\nBut, soft!", "  two  spaces\n\n", " ", "\n"] + [
+        "".join(CHARS[i] for i in torch.randint(len(CHARS), (int(n),), generator=rng))
+        for n in torch.randint(1, 40, (50,), generator=rng)]
+    for text in texts:  # any text of the vocabulary: the same ids, and back to the same text
+        assert theirs(text).input_ids == mine.encode(text), text
+        assert theirs.decode(mine.encode(text)) == text
+    generator = pipeline("text-generation", model=str(tmp_path / "hf_char"))
+    text = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text == our_greedy_text(ours, mine, "ROMEO:", 8)
+
+
+@pytest.mark.slow
+def test_a_bpe_export_generates_through_pipeline_as_ours(finetuned):
+    from transformers import pipeline
+    root, out, _, _ = finetuned
+    run_script("export.py", "--ckpt", out, "--out", root / "hf_pipeline", check=True)  # a run folder
+    generator = pipeline("text-generation", model=str(root / "hf_pipeline"))
+    text = generator("ROMEO:", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    ours, tokenizer = load_model(str(out / "best_model.pt"), "cpu")
+    assert text == our_greedy_text(ours, tokenizer, "ROMEO:", 6)
+
+
+def test_the_readme_export_command_and_snippet_run_as_printed_on_the_quick_start_model(tmp_path):
+    import re
+    import shlex
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    command = next(line for line in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+                   if line.startswith("python export.py")).strip()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                   if 'pipeline("text-generation"' in block)
+    run = tmp_path / "out-shakespeare-char-cpu"  # the quick start's run folder: a char model of 64 positions
+    run.mkdir()
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=64, bias=True, vocab_size=len(CHARS), dropout=0.0,
+                attention="sdpa")
+    save_checkpoint(str(run / "best_model.pt"), {"model": GPT(GPTConfig(**args)).state_dict()},
+                    {"model_args": args, "tokenizer": {"kind": "char", "chars": CHARS}, "iter_num": 1,
+                     "best_val_loss": 1.0})
+    exported = run_script(*shlex.split(command, comments=True)[1:], cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        exec(snippet, {})  # prints a sample; a prompt too long for the positions would raise here
+    finally:
+        os.chdir(cwd)
