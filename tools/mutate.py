@@ -125,8 +125,9 @@ MUTATIONS = [
 ]
 
 
-def scratch_copy(dest):
-    """The files git tracks, as they are on disk now."""
+def snapshot(dest):
+    """The files git tracks, as they are on disk now: every mutant starts from this one copy, so edits made
+    to the tree while the check runs change nothing in it."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, listed):
@@ -173,16 +174,16 @@ def main():
             print(f"{n:3d}  {path:<14} {what}")
         return
     start, missed = time.perf_counter(), []
-    with tempfile.TemporaryDirectory(prefix="unmutated-") as folder:
-        scratch_copy(folder)
-        failed, by = run_suite(folder, [], args.fast)
+    base = tempfile.TemporaryDirectory(prefix="unmutated-")
+    snapshot(base.name)
+    failed, by = run_suite(base.name, [], args.fast)
     if failed:
         raise SystemExit(f"error: the suite fails without any mutation ({by}); make it pass first")
     print(f"unmutated copy: the suite passes ({time.perf_counter() - start:.0f} s)", flush=True)
     for n in chosen:
         path, old, new, what, focus = MUTATIONS[n - 1]
         with tempfile.TemporaryDirectory(prefix="mutant-") as folder:
-            scratch_copy(folder)
+            shutil.copytree(base.name, folder, dirs_exist_ok=True)
             apply(folder, path, old, new)
             t0 = time.perf_counter()
             caught, by = run_suite(folder, focus, args.fast)
