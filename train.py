@@ -70,7 +70,7 @@ dropout = 0.0  # dropout probability in training
 bias = True  # biases in Linear layers and LayerNorms
 attention = "sdpa"  # 'sdpa' (fused) or 'explicit' (the maths the docs teach); same result
 # optimizer
-optimizer = "adamw"  # 'adamw', or 'muon': Muon (model.py) for the blocks' matrices, AdamW for the rest
+optimizer = "adamw"  # 'adamw', or 'muon': Muon (optim.py) for the blocks' matrices, AdamW for the rest
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total optimizer steps
 weight_decay = 0.1  # AdamW weight decay on matrices
