@@ -27,7 +27,7 @@ def writing(path, kept=""):
         if code not in WRITE_FAULTS:
             raise
         filename = getattr(e, "filename", None)
-        where = re.sub(r"\.tmp\d+$", "", str(filename)) if filename else path  # a temp file: its target
+        where = filename if filename and not re.search(r"\.tmp\d+", str(filename)) else path  # a temp file: its target
         raise UsageError(f"could not write {where} ({os.strerror(code)}){'; ' if kept else ''}{kept}; "
                          f"{WRITE_FAULTS[code]}") from e
 
