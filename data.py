@@ -292,9 +292,6 @@ def write_splits(out_dir, stream, size):
     """Write the ids of the stream as out_dir/train.bin (the first 90%) and val.bin (the rest); returns
     (tokens, train tokens). Each bin replaces the old one only once it is complete (faults.py: atomic_write)."""
     from tqdm import tqdm
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # old meta with new bins would describe the wrong ids: none until the new one
     # every id goes to train.bin's temp file first; the last 10% are then moved into val.bin
     with atomic_write(os.path.join(out_dir, "train.bin"), "w+b") as out:
         with tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar:
@@ -306,7 +303,10 @@ def write_splits(out_dir, stream, size):
         with atomic_write(os.path.join(out_dir, "val.bin"), "wb") as val:
             for block in iter(lambda: out.read(1 << 22), b""):
                 val.write(block)
-        out.truncate(2 * n_train)
+            out.truncate(2 * n_train)
+            meta_path = os.path.join(out_dir, "meta.json")
+            if os.path.exists(meta_path):  # both bins are written: only now may the old dataset go
+                os.remove(meta_path)  # old meta with new bins would describe the wrong ids: none until the new one
     return n_tokens, n_train
 
 

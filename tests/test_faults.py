@@ -73,8 +73,6 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(char_data
     assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 5
 
 
-@pytest.mark.xfail(strict=True, reason="data.py: write_splits deletes the old meta.json before it tokenizes, so a "
-                   "full disk leaves the old bins without their meta.json (reported to the lead with issue 20)")
 def test_a_full_disk_while_preparing_a_text_keeps_the_dataset_there(tmp_path, small_disk):
     disk, fill = small_disk
     (tmp_path / "small.txt").write_text(CORPUS, encoding="utf-8")
