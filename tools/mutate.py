@@ -1,7 +1,7 @@
 """Mutation check: does the test suite notice the bugs a change to the code is likely to make?
 
-Each mutation below is one realistic one-line bug. For each, the repository (its tracked files, with
-their uncommitted changes) is copied to a scratch folder, the bug is applied there, and the suite runs
+Each mutation below is one realistic one-line bug. For each, the committed tree (HEAD) is copied to a
+scratch folder, the bug is applied there, and the suite runs
 until its first failure, the mutation's own likely test files first. A mutation the suite passes is
 MISSED. The suite must pass on an unmutated copy first, or no score means anything.
 The docs test that matches quoted code text is left out: a bug must be caught by a behaviour, not by a
@@ -126,15 +126,10 @@ MUTATIONS = [
 
 
 def snapshot(dest):
-    """The files git tracks, as they are on disk now: every mutant starts from this one copy, so edits made
-    to the tree while the check runs change nothing in it."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, listed):
-        source = os.path.join(ROOT, name)
-        if os.path.isfile(source):
-            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
-            shutil.copy2(source, os.path.join(dest, name))
+    """The committed tree (HEAD): every mutant starts from this one copy, so what is being edited in the
+    working tree, or while the check runs, changes nothing in it."""
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
 
 
 def apply(folder, path, old, new):
