@@ -11,6 +11,7 @@ import sys
 import torch
 
 from distributed import full
+from optim import Muon
 
 SPIKE_FACTOR = 1.5  # warn when a logged loss exceeds this multiple of its running average
 DIVERGENCE_ADVICE = (
@@ -26,8 +27,11 @@ class Guard:
 
     def __init__(self, optimizers, scaler, max_bad_steps, device, fsdp):
         self.optimizers, self.scaler, self.max_bad_steps = optimizers, scaler, max_bad_steps
-        # fused AdamW can skip its own update on the device; Muon and FSDP make the host look first
-        self.on_device = not fsdp and not scaler.is_enabled() and all(o.defaults.get("fused") for o in optimizers)
+        # fused AdamW and, on a GPU, Muon skip their own update on the device; FSDP makes the host look first
+        # (on a CPU a host read costs nothing, and Muon's plain step keeps its results bit for bit)
+        muon_on_device = str(device).startswith("cuda")
+        self.on_device = not fsdp and not scaler.is_enabled() and all(
+            o.defaults.get("fused") or (muon_on_device and isinstance(o, Muon)) for o in optimizers)
         # the current and longest run of non-finite steps in a row, and all skipped steps: () on the device
         self.bad_run, self.longest_bad_run, self.skipped = (torch.zeros((), device=device) for _ in range(3))
         self.reported, self.advised = 0, False
@@ -73,9 +77,9 @@ def step_unless_bad(optimizers, scaler, bad, on_device):
     """Update the weights unless `bad` (a () bool tensor on the device) says the step is non-finite.
 
     Fused AdamW takes a `found_inf` tensor and skips its own update when it is 1, the way it does for
-    GradScaler, so the host never waits for the device. Other optimizers (Muon, or any under FSDP) make
-    the host read `bad` first: one sync per step. With float16 the GradScaler itself skips steps whose
-    gradients overflowed."""
+    GradScaler, so the host never waits for the device; optim.py's Muon does the same. Otherwise (FSDP, or
+    Muon on a CPU) the host reads `bad` first: one sync per step. With float16 the GradScaler itself skips
+    steps whose gradients overflowed."""
     if scaler.is_enabled():
         for opt in optimizers:
             scaler.step(opt)

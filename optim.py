@@ -39,6 +39,9 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # found_inf: a () tensor on the device, 1 when the step must be skipped (health.py: step_unless_bad sets
+        # it, as GradScaler does for fused AdamW); the skip is then arithmetic on the device, never a host read
+        keep = None if getattr(self, "found_inf", None) is None else 1 - self.found_inf
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -46,9 +49,14 @@ class Muon(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = orthogonalise(p.grad.lerp(buf, group["momentum"]), self.ns_dtype)  # Nesterov
+                grad = p.grad if keep is None else torch.where(keep > 0, p.grad, 0)  # a bad step's NaNs go
+                buf.lerp_(grad, 1 - group["momentum"] if keep is None else (1 - group["momentum"]) * keep)
+                update = orthogonalise(grad.lerp(buf, group["momentum"]), self.ns_dtype)  # Nesterov
                 # an orthogonal (m, n) update has entries of RMS 1/sqrt(max(m, n)): this makes it AdamW's ~0.2
                 scale = 0.2 * math.sqrt(max(p.shape))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                if keep is None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * scale)
+                else:  # the same step, times keep: nothing moves when it is 0
+                    p.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+                    p.sub_(update * (group["lr"] * scale * keep))

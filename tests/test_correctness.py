@@ -218,3 +218,33 @@ def test_gradients_match_finite_differences_in_float64(attention):
         analytic = p.grad[index].item()
         assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (name, numeric, analytic)
         assert analytic != 0.0, name
+
+
+def test_muon_skips_a_flagged_step_on_the_device_and_otherwise_steps_as_usual():
+    """found_inf (a device tensor, as health.py's guard passes it) skips the step without a host read: weights
+    and momentum stay bit for bit even with NaN gradients; unflagged, the step is the plain one."""
+    from optim import Muon
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 16), torch.randn(16, 8)]
+    grads = [torch.randn(8, 16), torch.randn(16, 8)]
+    runs = {}
+    for flag in (None, 0.0, 1.0):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Muon([{"params": params}], lr=1e-2, weight_decay=0.1, ns_dtype=torch.float32)
+        for step in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g * (step + 1) if flag != 1.0 or step == 0 else torch.full_like(g, float("nan"))
+            if flag is not None and step > 0:
+                opt.found_inf = torch.tensor(flag)
+            opt.step()
+        runs[flag] = params, [opt.state[p]["momentum_buffer"] for p in params]
+    for (a, b) in zip(runs[None][0], runs[0.0][0]):
+        assert torch.allclose(a, b, atol=1e-6)
+    skipped_params, skipped_bufs = runs[1.0]
+    once = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = Muon([{"params": once}], lr=1e-2, weight_decay=0.1, ns_dtype=torch.float32)
+    for p, g in zip(once, grads):
+        p.grad = g
+    opt.step()  # only the first, unflagged step
+    assert all(torch.equal(a, b) for a, b in zip(skipped_params, once))
+    assert all(torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(skipped_bufs, once))
