@@ -1,6 +1,7 @@
 """Shared helpers: a tiny corpus prepared in tmp_path and a way to run the entry points."""
 
 import os
+import signal
 import sys
 
 import pytest
@@ -12,6 +13,11 @@ sys.path.insert(0, ROOT)
 # One thread per process, set before PyTorch is imported: the tests' models are tiny, and on a busy
 # 2-core machine threads that wait for each other make them many times slower. It changes no result.
 os.environ["OMP_NUM_THREADS"] = "1"
+
+# A suite started in the background by a non-interactive shell inherits an ignored SIGINT, and so would every
+# process it starts: the tests that press Ctrl-C on a script need the default, as a terminal gives it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A small corpus with a few speakers: enough text for 32-token windows in both splits.
 VERSES = [
