@@ -255,7 +255,8 @@ def optimizer_step_figure(initial, meta, data_dir, out_dir, micro_batches=4, bat
     gpt = initial.train()
     params = [p for p in gpt.parameters()]
     c = meta["config"]
-    optimizer = gpt.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu")[0]
+    optimizers = gpt.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), "cpu",
+                                          optimizer=c["optimizer"])  # the recipe's own: Muon and AdamW for the CPU one
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     data = load_split(data_dir, meta["dataset"], "train")
     block_size = meta["model_args"]["block_size"]
@@ -267,16 +268,19 @@ def optimizer_step_figure(initial, meta, data_dir, out_dir, micro_batches=4, bat
         _, loss = gpt(X, Y)
         scaler.scale(loss / micro_batches).backward()  # adds into .grad
         stages.append((f"backward {micro + 1}\n(scaled)", norm()))
-    scaler.unscale_(optimizer)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
     stages.append(("unscale_", norm()))
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     stages.append(("clip to 1.0", norm()))
     before = [p.detach().clone() for p in params]
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
     scaler.update()
     change = math.sqrt(sum((p.detach() - b).pow(2).sum().item() for p, b in zip(params, before)))
     size = math.sqrt(sum(b.pow(2).sum().item() for b in before))
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     gone = all(p.grad is None for p in params)
 
     fig, (flow, bars) = plt.subplots(2, 1, figsize=(12, 5.6), dpi=DPI, gridspec_kw={"height_ratios": [1, 1.6]})
@@ -285,7 +289,7 @@ def optimizer_step_figure(initial, meta, data_dir, out_dir, micro_batches=4, bat
     flow.set_ylim(0, 1)
     boxes = [f"{micro_batches} micro-batches\nforward, loss / {micro_batches}", "backward:\ngrads add up in .grad",
              f"scaler.unscale_\n(divide by {scale:.0f})", "clip_grad_norm_\n(max 1.0)",
-             f"optimizer.step (lr {c['learning_rate']:g})\nlog10 |dw| / |w| = {math.log10(change / size):.2f}", "zero_grad\n" + ("grads -> None" if gone else "grads zeroed")]
+             f"{' + '.join(type(o).__name__ for o in optimizers)}.step (lr {c['learning_rate']:g})\nlog10 |dw| / |w| = {math.log10(change / size):.2f}", "zero_grad\n" + ("grads -> None" if gone else "grads zeroed")]
     for i, text in enumerate(boxes):
         x = 1.0 + i * 2.0
         flow.text(x, 0.5, text, ha="center", va="center", fontsize=8,
