@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 import configurator
+import devices
+from checkpoint import model_from_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
 from data import load_split
 from model import GPT, GPTConfig
-import devices
 from devices import fast_path, pick_device, sync
 from evaluation import mean_loss, whole_split_starts
 from health import step_unless_bad, update_ratios
@@ -343,12 +344,16 @@ def timed(argv, cwd, env=None):
 def whole_split_loss(ckpt_path, val_data, block_size=64):
     """A checkpoint's mean loss over every non-overlapping block_size window of val_data: the split's exact
     loss, not an estimate, scored as train.py scores it (evaluation.py). Reads GlassGPT's checkpoints
-    (model_args in the JSON meta) and nanoGPT's (the same module names, model_args beside the weights); both
-    load as tensors and plain containers only."""
+    (checkpoint.py: model_from_checkpoint) and nanoGPT's (the same module names, model_args beside the
+    weights); both load as tensors and plain containers only."""
     payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    args = json.loads(payload["meta"])["model_args"] if "meta" in payload else payload["model_args"]
-    model = GPT(GPTConfig(**{k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}))
-    model.load_state_dict(payload["model"])
+    if "meta" in payload:
+        model = model_from_checkpoint(ckpt_path)[0]
+    else:  # nanoGPT's format
+        args = payload["model_args"]
+        model = GPT(GPTConfig(**{k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
+                                                       "vocab_size")}))
+        model.load_state_dict(payload["model"])
     with torch.inference_mode():
         return mean_loss(model.eval(), val_data, whole_split_starts(len(val_data), block_size, 64), block_size, "cpu")
 

@@ -81,7 +81,8 @@ def test_whole_split_loss_scores_each_non_overlapping_window_once_for_both_check
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=11)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args)).eval()
-    save_checkpoint(str(tmp_path / "ours.pt"), {"model": model.state_dict()}, {"model_args": args})
+    save_checkpoint(str(tmp_path / "ours.pt"), {"model": model.state_dict()},
+                    {"model_args": args, "tokenizer": {"kind": "char", "chars": list("abcdefghijk")}})
     torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 5}, tmp_path / "nanogpt.pt")  # nanoGPT's layout
     val = torch.randint(0, 11, (8 * 5 + 3,)).numpy().astype("uint16")  # 5 whole windows, 3 tokens left over
     with torch.no_grad():
