@@ -60,7 +60,7 @@ MUTATIONS = [
     ("evaluation.py", "mine = torch.arange(rank, n_windows, world_size) * block_size",
      "mine = torch.arange(rank, n_windows, world_size)", "the whole-split loss scores overlapping windows",
      ["test_bench"]),
-    ("optim.py", 'buf.lerp_(p.grad, 1 - group["momentum"])', 'buf.lerp_(p.grad, group["momentum"])',
+    ("optim.py", 'buf.lerp_(grad, 1 - group["momentum"] if keep is None', 'buf.lerp_(grad, group["momentum"] if keep is None',
      "Muon's momentum weights the new gradient as the old", ["test_correctness"]),
     ("configurator.py", "        if c[key] < 1:", "        if c[key] < 0:", "a size of 0 is accepted",
      ["test_bad_input"]),
@@ -132,12 +132,17 @@ def snapshot(dest):
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
 
 
+def check_applies(folder, path, old):
+    with open(os.path.join(folder, path), encoding="utf-8") as f:
+        count = f.read().count(old)
+    if count != 1:
+        raise SystemExit(f"error: {path} holds {count} copies of {old!r}, not one; update tools/mutate.py")
+
+
 def apply(folder, path, old, new):
     target = os.path.join(folder, path)
     with open(target, encoding="utf-8") as f:
         text = f.read()
-    if text.count(old) != 1:
-        raise SystemExit(f"error: {path} holds {text.count(old)} copies of {old!r}, not one; update tools/mutate.py")
     with open(target, "w", encoding="utf-8") as f:
         f.write(text.replace(old, new))
 
@@ -157,13 +162,22 @@ def run_suite(folder, focus, fast):
         f"  [{reason.group(1)[:90]}]" if reason else "")
 
 
+def parse_numbers(text):
+    """'3,7,10-12' -> [3, 7, 10, 11, 12]"""
+    numbers = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        numbers += range(int(first), int(last or first) + 1)
+    return numbers
+
+
 def main():
     p = argparse.ArgumentParser(description="Apply one-line bugs to scratch copies and run the suite on each.")
     p.add_argument("--fast", action="store_true", help="run the not-slow suite only")
-    p.add_argument("--only", default=None, help="comma-separated mutation numbers (from --list)")
+    p.add_argument("--only", default=None, help="mutation numbers from --list, e.g. 3,7,10-12")
     p.add_argument("--list", action="store_true", help="print the mutations and exit")
     args = p.parse_args()
-    chosen = [int(n) for n in args.only.split(",")] if args.only else range(1, len(MUTATIONS) + 1)
+    chosen = parse_numbers(args.only) if args.only else list(range(1, len(MUTATIONS) + 1))
     if args.list:
         for n, (path, _, _, what, _) in enumerate(MUTATIONS, start=1):
             print(f"{n:3d}  {path:<14} {what}")
@@ -171,6 +185,8 @@ def main():
     start, missed = time.perf_counter(), []
     base = tempfile.TemporaryDirectory(prefix="unmutated-")
     snapshot(base.name)
+    for n in chosen:  # every bug must still apply to the code, before anything runs
+        check_applies(base.name, *MUTATIONS[n - 1][:2])
     failed, by = run_suite(base.name, [], args.fast)
     if failed:
         raise SystemExit(f"error: the suite fails without any mutation ({by}); make it pass first")
@@ -186,7 +202,7 @@ def main():
               + (f"\n      by {by}" if caught else ""), flush=True)
         if not caught:
             missed.append(n)
-    total = len(list(chosen))
+    total = len(chosen)
     print(f"score: {total - len(missed)}/{total} caught ({'not-slow' if args.fast else 'whole'} suite, "
           f"{time.perf_counter() - start:.0f} s)" + (f"; missed: {', '.join(map(str, missed))}" if missed else ""))
     sys.exit(1 if missed else 0)
