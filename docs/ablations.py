@@ -146,9 +146,14 @@ def ablated_gpt(switch):
 def train_ablation(name, train_args):
     """Train the recipe with one switch through train.py's own loop; return the run's settings."""
     _, switch, flags = ABLATIONS[name]
+    return train_switched(switch, flags, train_args, f"out-ablations/{name}")
+
+
+def train_switched(switch, flags, train_args, out_dir):
+    """Train the recipe, `flags` and then `train_args`, on GPTs that `switch` edits (docs/buildup.py too)."""
     argv = [RECIPE, *flags, *train_args]
     if not any(a.startswith("--out_dir=") for a in argv):
-        argv.append(f"--out_dir=out-ablations/{name}")
+        argv.append(f"--out_dir={out_dir}")
     train.GPT = ablated_gpt(switch)
     sys.argv = ["train.py", *argv]  # train.run reads its settings from the command line
     train.run()
