@@ -7,6 +7,8 @@ it is), and scored on the whole val split.
     python docs/buildup.py bigram                   # the first stage; STAGES lists them in order
     python docs/buildup.py heads --max_iters=200    # any other flag goes to train.py, after the recipe
     python docs/buildup.py --report out-buildup/* --out docs/img/buildup.png   # table and line chart
+    python docs/buildup.py --head out-buildup/position     # one head's q . k scores and weights on a real line
+    python docs/buildup.py --unigram data/shakespeare_char/input.txt   # the loss of character frequencies alone
 
 Each run writes its folder (out-buildup/<stage> unless --out_dir says otherwise) with train.py's usual
 files plus stage.json: the stage, the final val loss, the parameter count, the command and a sample.

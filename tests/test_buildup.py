@@ -2,12 +2,13 @@
 of the stages up to it, the last pieces give back model.py's GPT, and the script trains and reports."""
 
 import json
+import math
 import re
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import CORPUS, run_script
 from model import GPT, GPTConfig
 from test_docs_figures import load_script, tiny_shakespeare_char
 
@@ -87,6 +88,14 @@ def test_two_stages_train_score_and_report(tmp_path):
     result = run_script("docs/buildup.py", "--report", *reversed(runs), f"--out={chart}", cwd=tmp_path, check=True)
     rows = re.findall(r"^\| `(\w+)` \|.*\| \d\.\d{3} \| *(?:[+-]\d\.\d{3})? *\|$", result.stdout, re.M)
     assert chart.is_file() and rows == ["bigram", "one_head"]
+    line = CORPUS.splitlines()[1][:20]
+    result = run_script("docs/buildup.py", "--head", runs[1], f"--line={line}", "--query=5", cwd=tmp_path, check=True)
+    weights = [float(w) for w in re.findall(r"weight ([\d.]+)$", result.stdout, re.M)]
+    assert f"query at 5 {line[5]!r}" in result.stdout and len(weights) == 5 and weights == sorted(weights, reverse=True)
+
+
+def test_the_unigram_loss_is_the_cross_entropy_of_the_train_frequencies():
+    assert buildup.unigram_loss("aaabaaab", train_fraction=0.5) == pytest.approx(-math.log(0.75) * 3 / 4 - math.log(0.25) / 4)
 
 
 def test_an_unknown_stage_is_one_line_naming_the_choices(tmp_path):
