@@ -250,6 +250,7 @@ def test_train_divides_by_the_cached_peak(char_data, tmp_path):
         assert entry["mfu"] == pytest.approx(flops * entry["tokens_per_s"] / 1e12)
 
 
+@pytest.mark.slow
 def test_an_mfu_above_100_percent_names_the_stale_cached_peak_once(char_data, tmp_path):
     cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
     cache.parent.mkdir(parents=True)
