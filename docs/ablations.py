@@ -186,20 +186,26 @@ def sample(model, tokenizer, prompt="ROMEO:", tokens=200, seed=1337):
 def run_one(name, train_args):
     config = train_ablation(name, train_args)
     model, tokenizer = load_ablated(name, config["out_dir"])
-    result = {"ablation": name, "val_loss": final_val_loss(config["out_dir"]),
-              "params": model.num_params(), "command": " ".join(["python docs/ablations.py", name, *train_args]),
-              "sample": sample(model, tokenizer)}
-    with open(os.path.join(config["out_dir"], "ablation.json"), "w", encoding="utf-8") as f:
+    record_run("ablation", name, model, tokenizer, config["out_dir"], "ablations.py", train_args)
+
+
+def record_run(kind, name, model, tokenizer, out_dir, script, train_args):
+    """out_dir/<kind>.json (kind 'ablation' here, 'stage' for docs/buildup.py): the run's name, final val loss,
+    parameter count, command and a sample; also said in two lines."""
+    result = {kind: name, "val_loss": final_val_loss(out_dir), "params": model.num_params(),
+              "command": " ".join([f"python docs/{script}", name, *train_args]), "sample": sample(model, tokenizer)}
+    with open(os.path.join(out_dir, f"{kind}.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"{name}: val loss {result['val_loss']:.4f} ({result['params']:,} parameters)\n{result['sample']}")
 
 
-def read_results(folders):
+def read_records(folders, kind, script, argument):
+    """The <kind>.json records of the run folders, in their order."""
     results = []
     for folder in folders:
-        path = os.path.join(folder, "ablation.json")
+        path = os.path.join(folder, f"{kind}.json")
         if not os.path.isfile(path):
-            raise UsageError(f"{path} not found; run python docs/ablations.py <name> first")
+            raise UsageError(f"{path} not found; run python docs/{script} <{argument}> first")
         with open(path, encoding="utf-8") as f:
             results.append(json.load(f))
     return results
@@ -207,7 +213,7 @@ def read_results(folders):
 
 def report(folders, out):
     """A markdown table on stdout and a bar chart in `out`: each ablation's loss against the full model's."""
-    results = read_results(folders)
+    results = read_records(folders, "ablation", "ablations.py", "name")
     full = next((r["val_loss"] for r in results if r["ablation"] == "none"), None)
     print("| taken away | parameters | val loss | change |")
     print("|---|---|---|---|")

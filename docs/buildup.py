@@ -15,7 +15,6 @@ files plus stage.json: the stage, the final val loss, the parameter count, the c
 """
 
 import collections
-import json
 import math
 import os
 import sys
@@ -128,22 +127,11 @@ def load_stage(stage, out_dir):
 def run_stage(stage, train_args):
     config = ablations.train_switched(stage_switch(stage), stage_flags(stage), train_args, f"out-buildup/{stage}")
     model, tokenizer = load_stage(stage, config["out_dir"])
-    result = {"stage": stage, "val_loss": ablations.final_val_loss(config["out_dir"]),
-              "params": model.num_params(), "command": " ".join(["python docs/buildup.py", stage, *train_args]),
-              "sample": ablations.sample(model, tokenizer)}
-    with open(os.path.join(config["out_dir"], "stage.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(f"{stage}: val loss {result['val_loss']:.4f} ({result['params']:,} parameters)\n{result['sample']}")
+    ablations.record_run("stage", stage, model, tokenizer, config["out_dir"], "buildup.py", train_args)
 
 
 def read_stages(folders):
-    results = []
-    for folder in folders:
-        path = os.path.join(folder, "stage.json")
-        if not os.path.isfile(path):
-            raise UsageError(f"{path} not found; run python docs/buildup.py <stage> first")
-        with open(path, encoding="utf-8") as f:
-            results.append(json.load(f))
+    results = ablations.read_records(folders, "stage", "buildup.py", "stage")
     return sorted(results, key=lambda r: list(STAGES).index(r["stage"]))
 
 
