@@ -587,6 +587,20 @@ def test_each_chapter_ends_with_three_to_five_exercises_with_answers(lang, name)
         assert body[:answer.start()].strip(), f"{lang}/{name} {n}: the question comes before the answer"
 
 
+FURTHER_READING = {"en": "Further reading", "zh": "延伸阅读"}
+
+
+@pytest.mark.parametrize("lang, name", all_chapters())
+def test_each_chapter_has_further_reading_with_links_just_before_its_exercises(lang, name):
+    text = chapter(lang, name)
+    titles = [title for level, title in headings(text) if level == "##"]
+    assert titles[-2].endswith(FURTHER_READING[lang]), f"{lang}/{name}: the section before the exercises should be " \
+                                                       f"'{FURTHER_READING[lang]}', not {titles[-2]!r}"
+    reading = sections(text)[titles[-2].split()[0]]
+    links = re.findall(r"\]\((https?://[^)\s]+)\)", reading)
+    assert len(links) >= 2, f"{lang}/{name}: further reading lists {len(links)} linked works"
+
+
 NUMBER = r"-?(?:\d[\d,]*)?\.?\d+(?:e[+-]\d+)?"
 
 
