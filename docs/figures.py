@@ -2,7 +2,8 @@
 Pictures of the ideas, drawn from the real code into docs/img (chapters 3, 5 and 6 show them):
 
     python docs/figures.py --ckpt out-shakespeare-char-cpu/ckpt.pt   # a trained CPU-recipe model
-    python docs/figures.py                                           # no checkpoint: train one briefly first
+    python docs/figures.py                                           # no checkpoint: train the CPU recipe first
+    python docs/figures.py --experiments                             # chapter 4's plots: run its commands
 
     block.png           the block and the residual stream, with the model's own parameter counts
     causal-mask.png     CausalSelfAttention.causal_mask and what it does to a head's weights
@@ -10,11 +11,18 @@ Pictures of the ideas, drawn from the real code into docs/img (chapters 3, 5 and
     lr-schedules.png    train.get_lr for each training recipe in config/
     optimizer-step.png  one optimizer step: micro-batches, accumulate, unscale, clip, step, zero_grad
     kv-cache.png        the KV cache filling during generation
+
+Chapter 4's pictures are plots of its experiments: `--experiments` runs that chapter's `bash runnable`
+commands in order, the trainings and the `plot.py` calls that draw cpu-recipe.png, lr-sweep.png and the rest
+(about 20 minutes on a 2-core CPU). Chapter 8's chart comes from docs/ablations.py, chapter 10's from
+docs/buildup.py, and the lens's screenshots from its browser test (tests/test_lens.py says how).
 """
 
 import glob
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -361,13 +369,46 @@ def kv_cache_figure(out_dir, block_size=16, prompt=5, new_tokens=20):
 
 
 # ---------------------------------------------------------------------------------------------
+# Chapter 4's plots: its own commands, as a reader runs them
+
+EXPERIMENTS = os.path.join(ROOT, "docs", "en", "04-experiments.md")
+BASH_RUNNABLE = re.compile(r"^```bash runnable[ \t]*\n(.*?)^```", flags=re.M | re.S)
 
 
-def train_briefly(iters, data_dir, train_dir):
-    """No checkpoint given: train the CPU recipe for `iters` steps (its schedule squeezed to fit)."""
+def experiment_commands(chapter=EXPERIMENTS):
+    """The chapter's `bash runnable` lines, in order (the zh chapter has the same ones: the docs tests check)."""
+    with open(chapter, encoding="utf-8") as f:
+        text = f.read()
+    return [line for block in BASH_RUNNABLE.findall(text) for line in block.splitlines() if line.strip()]
+
+
+def run_command_line(line):
+    """One line such as `OMP_NUM_THREADS=1 python train.py ...`, run from the repository root with this Python."""
+    argv, env = shlex.split(line), dict(os.environ)
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        name, value = argv.pop(0).split("=", 1)
+        env[name] = value
+    if argv[:1] == ["python"]:
+        argv[0] = sys.executable
+    print("running:", line, flush=True)
+    if subprocess.run(argv, cwd=ROOT, env=env).returncode:
+        raise UsageError(f"this command of chapter 4 failed (see above): {line}")
+
+
+def run_experiments():
+    for line in experiment_commands():
+        run_command_line(line)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train_recipe(iters, data_dir, train_dir):
+    """No checkpoint given: train the CPU recipe as it is, or for `iters` steps (its schedule squeezed to fit)."""
     command = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "shakespeare_char_cpu.py"),
-               f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={iters}",
                f"--data_dir={data_dir}", f"--out_dir={train_dir}", "--replace_earlier_run=True"]
+    if iters:
+        command += [f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={iters}"]
     print("training:", " ".join(command[1:]))
     if subprocess.run(command).returncode:
         raise UsageError("the training run for the figures failed (see above)")
@@ -377,15 +418,20 @@ def train_briefly(iters, data_dir, train_dir):
 def main():
     parser = ArgumentParser(description="Draw the docs' pictures of the ideas from the real code.")
     parser.add_argument("--ckpt", help="a trained CPU-recipe checkpoint (default: train one with --iters steps)")
-    parser.add_argument("--iters", type=int, default=300, help="steps of the CPU recipe to train when --ckpt is not given")
-    parser.add_argument("--train_dir", default="out-figures", help="where that short run is written")
+    parser.add_argument("--iters", type=int, help="when --ckpt is not given, train the CPU recipe for this many steps "
+                        "instead of its own max_iters (a quick look; the docs' pictures use the whole recipe)")
+    parser.add_argument("--train_dir", default="out-figures", help="where that training run is written")
     parser.add_argument("--data_dir", default="data", help="datasets folder (the optimizer-step figure draws batches)")
     parser.add_argument("--line", default=LINE, help="the text the attention figures look at")
     parser.add_argument("--out_dir", default=os.path.join("docs", "img"))
+    parser.add_argument("--experiments", action="store_true",
+                        help="instead: run chapter 4's commands, which train its experiments and plot them")
     args = parser.parse_args()
-    if args.iters < 1:
+    if args.experiments:
+        return run_experiments()
+    if args.iters is not None and args.iters < 1:
         raise UsageError(f"--iters must be at least 1, got {args.iters}")
-    ckpt = args.ckpt or train_briefly(args.iters, args.data_dir, args.train_dir)
+    ckpt = args.ckpt or train_recipe(args.iters, args.data_dir, args.train_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     trained, meta = load_trained(ckpt)
     initial = initial_model(meta)

@@ -26,6 +26,7 @@ def load_script(name):
 
 
 ablations = load_script("ablations")
+figures = load_script("figures")
 
 
 def build(name, **overrides):
@@ -120,6 +121,40 @@ def tiny_shakespeare_char(tmp_path):
     (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
     prepare(str(folder / "input.txt"), str(folder), "char", "input.txt")
     return tmp_path / "data"
+
+
+def test_the_experiments_commands_draw_every_picture_of_chapter_4():
+    text = open(figures.EXPERIMENTS, encoding="utf-8").read()
+    shown = set(re.findall(r"\]\(\.\./img/([\w-]+\.png)\)", text))
+    drawn = {m for line in figures.experiment_commands() for m in re.findall(r"--out=docs/img/([\w-]+\.png)", line)}
+    assert shown and drawn == shown
+    trainings = [line for line in figures.experiment_commands() if " train.py " in line]
+    assert len(trainings) > 10 and all(line.startswith(("python ", "OMP_NUM_THREADS=1 python ")) for line in trainings)
+
+
+def test_an_experiment_line_runs_with_its_variables_from_the_root(monkeypatch):
+    calls = []
+    monkeypatch.setattr(figures.subprocess, "run", lambda argv, **kw: calls.append((argv, kw)) or FakeResult(len(calls) - 1))
+    figures.run_command_line('OMP_NUM_THREADS=1 python plot.py out-exp/base --title="a b"')
+    argv, kw = calls[0]
+    assert argv == [figures.sys.executable, "plot.py", "out-exp/base", "--title=a b"]
+    assert kw["cwd"] == ROOT and kw["env"]["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(figures.UsageError, match="failed .*: python train.py x"):
+        figures.run_command_line("python train.py x")
+
+
+class FakeResult:
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+
+def test_without_a_checkpoint_the_figures_train_the_whole_recipe_unless_told_fewer_steps(monkeypatch):
+    commands = []
+    monkeypatch.setattr(figures.subprocess, "run", lambda argv, **kw: commands.append(argv) or FakeResult(0))
+    figures.train_recipe(None, "data", "out-figures")
+    figures.train_recipe(5, "data", "out-figures")
+    assert not any(a.startswith("--max_iters") for a in commands[0])
+    assert {"--max_iters=5", "--lr_decay_iters=5", "--eval_interval=5"} <= set(commands[1])
 
 
 @pytest.mark.slow
