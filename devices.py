@@ -42,13 +42,19 @@ def fast_path(device_type, n_embd):
     measured fastest on this device. Muon's Newton-Schulz steps take 16 ms per step of the CPU recipe in
     bfloat16 against 40 in float32 on one AVX512-BF16 core, but ten times longer in emulated bfloat16."""
     if device_type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = cuda_has_bf16()
         return {"dtype": "bfloat16" if bf16 else "float16", "compile": True,
                 "muon_dtype": "bfloat16" if bf16 else "float32"}
     muon_dtype = "bfloat16" if device_type == "cpu" and cpu_has_bf16() else "float32"
     if device_type == "cpu" and cpu_has_bf16() and n_embd >= CPU_BF16_MIN_WIDTH:
         return {"dtype": "bfloat16", "compile": False, "muon_dtype": muon_dtype}
     return {"dtype": "float32", "compile": False, "muon_dtype": muon_dtype}
+
+
+def cuda_has_bf16():
+    """Whether this GPU runs bfloat16 natively (Ampere and later). PyTorch's plain check also says yes where
+    it only emulates it (V100, T4), whose fast tensor-core dtype is float16."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_has_bf16():

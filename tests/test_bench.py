@@ -69,6 +69,16 @@ def test_fast_path_orthogonalises_muon_in_bfloat16_only_on_a_cpu_that_has_it(mon
     assert fast_path("cpu", 384) == {"dtype": native, "compile": False, "muon_dtype": native}
 
 
+@pytest.mark.parametrize("native, emulated, dtype", [(True, True, "bfloat16"), (False, True, "float16"),
+                                                     (False, False, "float16")])
+def test_fast_path_on_a_gpu_takes_bfloat16_only_where_it_is_not_emulated(monkeypatch, native, emulated, dtype):
+    """A V100 or T4 answers yes to PyTorch's plain bfloat16 check (it emulates it); its tensor cores run float16."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or (emulated and including_emulation))
+    path = fast_path("cuda", 768)
+    assert path == {"dtype": dtype, "compile": True, "muon_dtype": "bfloat16" if native else "float32"}
+
+
 def test_data_bench_reports_speed_and_memory_for_both_tokenizers():
     rows = bench.bench_data(megabytes=1)
     assert [r["shape"].split(", ")[1] for r in rows] == ["char", "gpt2"]
