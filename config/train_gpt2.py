@@ -6,7 +6,7 @@ dataset = "openwebtext"
 eval_interval = 1000
 eval_iters = 200
 log_interval = 10
-keep_last_n = 2  # also keep the two previous checkpoints, to go back past a bad stretch of training
+keep_last_n = 2  # also keep ckpt_<iter>.pt of the last two evals, to go back past a bad stretch of training
 
 # 12 sequences x 1024 tokens x 40 micro-batches = 491,520 tokens (~0.5M) per optimizer step;
 # torchrun's processes share the 40 micro-batches (5 each on 8 GPUs), so the step is the same size
