@@ -24,7 +24,8 @@ def save_checkpoint(path, tensors, meta):
     A crash at any moment leaves the previous file at path intact; a full disk, an unwritable folder or
     Ctrl-C leaves no temp file either, and a full disk or an unwritable folder is one UsageError."""
     payload = dict(tensors, format_version=FORMAT_VERSION, meta=json.dumps(meta))
-    with writing(path, kept="the previous checkpoint is kept"), atomic_write(path, "wb") as f:
+    kept = "the previous checkpoint is kept" if os.path.exists(path) else ""
+    with writing(path, kept=kept), atomic_write(path, "wb") as f:
         save_reporting_os_errors(payload, f)
 
 

@@ -31,7 +31,7 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update, step for step, with the Newton-Schulz iteration in a dtype of our choice:
     Nesterov momentum, then each matrix's update orthogonalised and scaled to AdamW's update size
     (torch's adjust_lr_fn='match_rms_adamw'). torch.optim.Muon always orthogonalises in bfloat16, which a
-    CPU without bfloat16 instructions emulates about ten times slower than float32 (fast_path picks)."""
+    CPU without bfloat16 instructions emulates, many times slower than float32 (fast_path picks)."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95, ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))

@@ -328,7 +328,8 @@ def run():
         if log_step:  # the one read of the device between logs
             loss_value, norm_value, run_now, longest, skipped_now = torch.stack(
                 [loss.detach().float() * accum_steps, grad_norm.float(), *guard.counts()]).tolist()
-            guard.report(log, iter_num, loss_value, raw_model, run_now, longest, skipped_now, ckpt_path, progress)
+            # iter_num + 1: the step just taken, as its log line below names it
+            guard.report(log, iter_num + 1, loss_value, raw_model, run_now, longest, skipped_now, ckpt_path, progress)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         iter_num += 1
@@ -357,9 +358,11 @@ def run():
             save_checkpoint(ckpt_path, tensors, ckpt_meta)
     distributed.finish(ddp, stop_group)  # collective: no process exits before the first one has saved
     if stop.signal is not None:
-        if master:
+        if master and os.path.exists(ckpt_path):
             print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "
                   f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+        elif master:  # stopped in the evaluation before the first step: there is no state worth keeping
+            print(f"stopped at iteration {iter_num}, before any step: nothing was saved; run the same command to start")
         sys.exit(128 + stop.signal)
     if master:
         best = os.path.join(out_dir, "best_model.pt")

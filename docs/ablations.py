@@ -30,6 +30,7 @@ import train
 from checkpoint import load_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
 from data import tokenizer_from
+from faults import atomic_write
 from model import GPT, GPTConfig
 
 RECIPE = os.path.join(ROOT, "config", "shakespeare_char_cpu.py")
@@ -194,7 +195,7 @@ def record_run(kind, name, model, tokenizer, out_dir, script, train_args):
     parameter count, command and a sample; also said in two lines."""
     result = {kind: name, "val_loss": final_val_loss(out_dir), "params": model.num_params(),
               "command": " ".join([f"python docs/{script}", name, *train_args]), "sample": sample(model, tokenizer)}
-    with open(os.path.join(out_dir, f"{kind}.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, f"{kind}.json")) as f:
         json.dump(result, f, indent=1)
     print(f"{name}: val loss {result['val_loss']:.4f} ({result['params']:,} parameters)\n{result['sample']}")
 

@@ -8,8 +8,10 @@ import os
 import subprocess
 
 import pytest
+import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import UsageError
 from conftest import CORPUS, TINY, VERSES, run_script
 from data import PROGRESS_FILE, gpt2_encoding, load_split
 from test_cli import temp_files
@@ -71,6 +73,15 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(char_data
     one_error_line(result, "No space left on device", "the previous checkpoint is kept", str(out))
     assert {name: (out / name).read_bytes() for name in before} == before and temp_files(out) == []
     assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 5
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_speak_of_a_previous_one(small_disk):
+    disk, fill = small_disk
+    fill()
+    with pytest.raises(UsageError) as error:
+        save_checkpoint(str(disk / "ckpt.pt"), {"w": torch.zeros(100_000)}, {"iter_num": 1})
+    assert "No space left on device" in str(error.value) and "previous" not in str(error.value)
+    assert not (disk / "ckpt.pt").exists() and temp_files(disk) == []
 
 
 def test_a_full_disk_while_preparing_a_text_keeps_the_dataset_there(tmp_path, small_disk):

@@ -288,32 +288,48 @@ def read_terminal_until(fd, text, timeout=120):
     return seen.decode(errors="replace")
 
 
-@pytest.mark.slow
-def test_interrupt_during_an_evaluation_abandons_it_and_saves(char_data, tmp_path):
-    out = tmp_path / "out"
+def interrupt_an_evaluation(args):
+    """Run train.py with args, press Ctrl-C once an evaluation has begun; (stdout, exit status)."""
     terminal, child_end = open_terminal()  # so that the progress bars are drawn, as a user sees them
-    # 100,000 evaluation batches: far longer than the timeout below unless the evaluation is abandoned
-    args = train_args(char_data, out, "--max_iters=100000", "--eval_interval=5", "--eval_at_start=False",
-                      "--eval_iters=100000")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                                env=dict(os.environ, GLASSGPT_OFFLINE="1"), stdout=subprocess.PIPE,
                                stderr=child_end, text=True)
     os.close(child_end)
     try:
-        read_terminal_until(terminal, "evaluating")  # the evaluation at iteration 5 has begun
+        read_terminal_until(terminal, "evaluating")
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     finally:
         process.kill()  # (a no-op once it has exited)
         process.wait(timeout=60)
         os.close(terminal)
-    assert process.returncode == 128 + signal.SIGINT
+    return output, process.returncode
+
+
+@pytest.mark.slow
+def test_interrupt_during_an_evaluation_abandons_it_and_saves(char_data, tmp_path):
+    out = tmp_path / "out"
+    # 100,000 evaluation batches: far longer than the timeout unless the evaluation is abandoned
+    output, returncode = interrupt_an_evaluation(train_args(char_data, out, "--max_iters=100000", "--eval_interval=5",
+                                                            "--eval_at_start=False", "--eval_iters=100000"))
+    assert returncode == 128 + signal.SIGINT
     assert "eval 5: abandoned, a stop was requested" in output and "--init_from=resume" in output
     _, meta = load_checkpoint(out / "ckpt.pt")
     assert meta["iter_num"] == 5 and meta["evaluated"] is False
     resumed = run_script("train.py", *train_args(char_data, out, "--max_iters=6", "--eval_interval=5",
                                                  "--init_from=resume"), check=True)
     assert "eval 5: train loss" in resumed.stdout  # the abandoned evaluation is made on resume
+
+
+@pytest.mark.slow
+def test_interrupt_during_the_evaluation_before_the_first_step_saves_nothing_and_says_so(char_data, tmp_path):
+    out = tmp_path / "out"
+    output, returncode = interrupt_an_evaluation(train_args(char_data, out, "--max_iters=100000",
+                                                            "--eval_iters=100000"))
+    assert returncode == 128 + signal.SIGINT
+    assert "eval 0: abandoned, a stop was requested" in output
+    assert "before any step: nothing was saved" in output and "--init_from=resume" not in output
+    assert not (out / "ckpt.pt").exists()
 
 
 BLOCKED_IN_FSYNC = """
