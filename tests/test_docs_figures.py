@@ -124,7 +124,8 @@ def tiny_shakespeare_char(tmp_path):
 
 
 def test_the_experiments_commands_draw_every_picture_of_chapter_4():
-    text = open(figures.EXPERIMENTS, encoding="utf-8").read()
+    with open(figures.EXPERIMENTS, encoding="utf-8") as f:
+        text = f.read()
     shown = set(re.findall(r"\]\(\.\./img/([\w-]+\.png)\)", text))
     drawn = {m for line in figures.experiment_commands() for m in re.findall(r"--out=docs/img/([\w-]+\.png)", line)}
     assert shown and drawn == shown
