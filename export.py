@@ -13,6 +13,7 @@ with --force.
 """
 
 import os
+import re
 import shutil
 
 import torch
@@ -20,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from checkpoint import in_run_folder, model_from_checkpoint
 from configurator import ArgumentParser, UsageError, run_cli
-from faults import writing
+from faults import remove_leftovers, writing
 from data import gpt2_hf_tokenizer
 from hf import ours_to_hf
 
@@ -119,6 +120,8 @@ def export(ckpt_path, out, force=False):
     diff = check_same_logits(model.eval(), hf)
     parent = os.path.dirname(os.path.abspath(out))
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
+    if os.path.isdir(parent):  # an export killed mid-write (kill -9) left its temp folder; not its .old copy
+        remove_leftovers(parent, re.compile(rf"\.{re.escape(os.path.basename(out))}\.tmp(\d+)"))
     try:
         with writing(out, kept="nothing was changed there"):
             os.makedirs(parent, exist_ok=True)

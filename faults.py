@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 
 from configurator import UsageError
 
@@ -85,13 +86,14 @@ def fsync_dir(folder):
 def remove_leftovers(out_dir, leftover):
     """Delete the temp files of atomic writes whose writing process is gone (killed mid-write): the files
     whose names `leftover` matches, its group 1 the writer's process id (run_folder.LEFTOVER for a run
-    folder, data.DATA_LEFTOVER for a dataset)."""
+    folder, data.DATA_LEFTOVER for a dataset, export.py's half-written export folder)."""
     import psutil
     removed = []
     for name in sorted(os.listdir(out_dir)):
         match = leftover.fullmatch(name)
         if match and not psutil.pid_exists(int(match.group(1))):
-            os.remove(os.path.join(out_dir, name))
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # a folder: export.py's
             removed.append(name)
     if removed:
         print(f"removed {len(removed)} half-written file(s) of a killed run from {out_dir}: {', '.join(removed)}")

@@ -3,6 +3,8 @@ train.py --init_from=<dir>) and go out (export.py) with the same logits. No real
 needed: small random GPT2LMHeadModels are saved with save_pretrained into tmp_path."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,6 +253,19 @@ def test_export_force_replaces_a_non_empty_directory(tmp_path):
     files = set(os.listdir(tmp_path / "hf_model"))
     assert "stale.txt" not in files and {"config.json", "tokenizer.json"} <= files
     assert sorted(os.listdir(tmp_path)) == ["hf_model", "model.pt"]  # no temporary folders left behind
+
+
+def test_an_export_removes_the_temp_folder_a_killed_export_left_and_keeps_an_old_copy(tmp_path):
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process id that has exited: the writer of the leftovers below
+    for name in (f".hf_model.tmp{pid}", f".hf_model.tmp{pid}.old", f".other.tmp{pid}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    export.main(["--ckpt", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf_model")])
+    # only the killed export's half-written folder goes: an .old copy may hold the only earlier export
+    assert sorted(os.listdir(tmp_path)) == sorted([f".hf_model.tmp{pid}.old", f".other.tmp{pid}", "hf_model",
+                                                   "model.pt"])
 
 
 # ---- exports in Hugging Face's own tools: AutoTokenizer, pipeline, the README's snippets (issue 20) -------
