@@ -73,7 +73,7 @@ attention = "sdpa"  # 'sdpa' (fused) or 'explicit' (the maths the docs teach); s
 optimizer = "adamw"  # 'adamw', or 'muon': Muon (optim.py) for the blocks' matrices, AdamW for the rest
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total optimizer steps
-weight_decay = 0.1  # AdamW weight decay on matrices
+weight_decay = 0.1  # decoupled weight decay on matrices (AdamW's and Muon's); none on biases and gains
 beta1 = 0.9  # AdamW first-moment decay
 beta2 = 0.95  # AdamW second-moment decay
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
