@@ -132,9 +132,11 @@ class StopRequest:
     """Ctrl-C / SIGTERM during training: stop at the next safe point (after this step, or abandoning an
     evaluation), save ckpt.pt, then exit; a second one exits at once, without saving."""
 
-    def __init__(self, ddp, group):
+    def __init__(self, ddp, group, saves=True):
         import signal
         self.signal, self.ddp, self.group = None, ddp, group
+        self.notice = b"\nstopping at the next safe point" + (b" to save ckpt.pt" if saves else b"") + \
+            b" (interrupt again to exit at once, without saving)\n"  # saves=False: an eval_only run
         signal.signal(signal.SIGINT, self.request)
         signal.signal(signal.SIGTERM, self.request)
 
@@ -144,8 +146,7 @@ class StopRequest:
             sys.exit(128 + signum)
         self.signal = signum
         # os.write, not print: a handler may run in the middle of a print, and print is not re-entrant
-        os.write(sys.stderr.fileno(), b"\nstopping at the next safe point to save ckpt.pt "
-                                      b"(interrupt again to exit at once, without saving)\n")
+        os.write(sys.stderr.fileno(), self.notice)
 
     def check_eval(self):
         """Abandon an evaluation at a stop request, except under torchrun, whose processes must all make the

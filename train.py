@@ -219,7 +219,7 @@ def run():
               f"{tokens_per_iter:,} tokens per iteration")
     peak = peak_flops(dev, ptdtype) if master else None
     metrics = MetricsLog(out_dir, config, master)
-    stop = StopRequest(ddp, stop_group)  # Ctrl-C / SIGTERM: save ckpt.pt at the next safe point, then exit
+    stop = StopRequest(ddp, stop_group, saves=not eval_only)  # Ctrl-C / SIGTERM: save ckpt.pt at a safe point, exit
 
     def eval_batches(batches):
         """An evaluation's batches, with a progress bar; a stop request may abandon it (run_folder.py)."""
@@ -358,11 +358,11 @@ def run():
             save_checkpoint(ckpt_path, tensors, ckpt_meta)
     distributed.finish(ddp, stop_group)  # collective: no process exits before the first one has saved
     if stop.signal is not None:
-        if master and os.path.exists(ckpt_path):
+        if master and not eval_only and os.path.exists(ckpt_path):
             print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "
                   f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
-        elif master:  # stopped in the evaluation before the first step: there is no state worth keeping
-            print(f"stopped at iteration {iter_num}, before any step: nothing was saved; run the same command to start")
+        elif master:  # stopped in an evaluation before any step (or in eval_only): no state worth keeping
+            print(f"stopped at iteration {iter_num} with no step taken: nothing was saved; run the same command again")
         sys.exit(128 + stop.signal)
     if master:
         best = os.path.join(out_dir, "best_model.pt")

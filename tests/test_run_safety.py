@@ -328,8 +328,22 @@ def test_interrupt_during_the_evaluation_before_the_first_step_saves_nothing_and
                                                             "--eval_iters=100000"))
     assert returncode == 128 + signal.SIGINT
     assert "eval 0: abandoned, a stop was requested" in output
-    assert "before any step: nothing was saved" in output and "--init_from=resume" not in output
+    assert "with no step taken: nothing was saved" in output and "--init_from=resume" not in output
     assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("saves", [True, False])
+def test_the_stop_notice_promises_a_checkpoint_only_where_one_is_saved(capfd, saves):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = run_folder.StopRequest(ddp=False, group=None, saves=saves)  # eval_only runs pass saves=False
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    notice = capfd.readouterr().err
+    assert stop.signal == signal.SIGTERM and "stopping at the next safe point" in notice
+    assert ("to save ckpt.pt" in notice) == saves
 
 
 BLOCKED_IN_FSYNC = """
