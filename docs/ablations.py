@@ -242,6 +242,18 @@ def report(folders, out):
     print(f"wrote {out}")
 
 
+def check_png(out):
+    """--report's chart is a picture file: say so before any run is read (docs/buildup.py too)."""
+    if not out.endswith(".png"):
+        raise UsageError(f"--out must name a .png file, got '{out}'")
+
+
+def unknown(kind, name, choices):
+    """The one-line error for a name that is none of choices, with the closest one (docs/buildup.py too)."""
+    return UsageError(f"unknown {kind} {name!r}{configurator.closest(name or '', list(choices))}; "
+                      f"use one of {', '.join(choices)}")
+
+
 def main():
     parser = ArgumentParser(description="Train the CPU recipe with one piece taken away; score the whole val split.",
                             allow_abbrev=False)
@@ -250,14 +262,12 @@ def main():
     parser.add_argument("--out", default="ablations.png", help="the chart --report writes (a .png)")
     args, train_args = parser.parse_known_args()
     if args.report:
-        if not args.out.endswith(".png"):
-            raise UsageError(f"--out must name a .png file, got '{args.out}'")
+        check_png(args.out)
         report(args.report, args.out)
     elif args.ablation in ABLATIONS:
         run_one(args.ablation, train_args)
     else:
-        raise UsageError(f"unknown ablation {args.ablation!r}{configurator.closest(args.ablation or '', list(ABLATIONS))}; "
-                         f"use one of {', '.join(ABLATIONS)}")
+        raise unknown("ablation", args.ablation, ABLATIONS)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import ablations
-from ablations import UsageError, configurator, run_cli
+from ablations import UsageError, run_cli
 from data import TRAIN_FRACTION
 
 # stage -> what it adds; each stage has every piece of the stages above it
@@ -217,14 +217,12 @@ def main():
     elif args.head:
         show_head(args.head, args.line, args.query)
     elif args.report:
-        if not args.out.endswith(".png"):
-            raise UsageError(f"--out must name a .png file, got '{args.out}'")
+        ablations.check_png(args.out)
         report(args.report, args.out)
     elif args.stage in STAGES:
         run_stage(args.stage, train_args)
     else:
-        raise UsageError(f"unknown stage {args.stage!r}{configurator.closest(args.stage or '', list(STAGES))}; "
-                         f"use one of {', '.join(STAGES)}")
+        raise ablations.unknown("stage", args.stage, STAGES)
 
 
 if __name__ == "__main__":
