@@ -1,7 +1,6 @@
 """docs/buildup.py, chapter 10's stages from a bigram to the GPT: each stage's model has exactly the pieces
 of the stages up to it, the last pieces give back model.py's GPT, and the script trains and reports."""
 
-import json
 import math
 import re
 
@@ -10,7 +9,7 @@ import torch
 
 from conftest import CORPUS, run_script
 from model import GPT, GPTConfig
-from test_docs_figures import load_script, tiny_shakespeare_char
+from test_docs_figures import load_script, train_and_record
 
 buildup = load_script("buildup")
 SHAPE = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -75,15 +74,7 @@ def test_the_position_stage_is_model_pys_gpt():
 
 @pytest.mark.slow
 def test_two_stages_train_score_and_report(tmp_path):
-    data_dir = tiny_shakespeare_char(tmp_path)
-    runs = []
-    for stage in ("bigram", "one_head"):
-        out = tmp_path / stage
-        result = run_script("docs/buildup.py", stage, "--max_iters=3", "--eval_iters=2", f"--data_dir={data_dir}",
-                            f"--out_dir={out}", cwd=tmp_path, check=True)
-        record = json.loads((out / "stage.json").read_text(encoding="utf-8"))
-        assert record["stage"] == stage and f"{stage}: val loss {record['val_loss']:.4f}" in result.stdout
-        runs.append(out)
+    runs = [out for out, _ in train_and_record("buildup.py", "stage", ("bigram", "one_head"), tmp_path)]
     chart = tmp_path / "chart.png"
     result = run_script("docs/buildup.py", "--report", *reversed(runs), f"--out={chart}", cwd=tmp_path, check=True)
     rows = re.findall(r"^\| `(\w+)` \|.*\| \d\.\d{3} \| *(?:[+-]\d\.\d{3})? *\|$", result.stdout, re.M)

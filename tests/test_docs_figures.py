@@ -168,18 +168,27 @@ def test_figures_script_draws_every_picture_after_a_tiny_run(tmp_path):
     assert all(10_000 < (img / name).stat().st_size < 200_000 for name in FIGURES)
 
 
-@pytest.mark.slow
-def test_an_ablation_trains_scores_and_reports(tmp_path):
+def train_and_record(script, kind, names, tmp_path):
+    """Run docs/<script> NAME for each name on tiny Shakespeare for 3 steps; [(run folder, its <kind>.json)],
+    each record checked against what the script printed (docs/buildup.py's tests use it too)."""
     data_dir = tiny_shakespeare_char(tmp_path)
     runs = []
-    for name in ("none", "no_mlp"):
+    for name in names:
         out = tmp_path / name
-        result = run_script("docs/ablations.py", name, "--max_iters=3", "--eval_iters=2", f"--data_dir={data_dir}",
+        result = run_script(f"docs/{script}", name, "--max_iters=3", "--eval_iters=2", f"--data_dir={data_dir}",
                             f"--out_dir={out}", cwd=tmp_path, check=True)
-        record = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
-        assert record["ablation"] == name and f"{name}: val loss {record['val_loss']:.4f}" in result.stdout
-        runs.append(out)
-    assert json.loads((runs[1] / "ablation.json").read_text())["params"] < json.loads((runs[0] / "ablation.json").read_text())["params"]
+        record = json.loads((out / f"{kind}.json").read_text(encoding="utf-8"))
+        assert record[kind] == name and f"{name}: val loss {record['val_loss']:.4f}" in result.stdout
+        runs.append((out, record))
+    return runs
+
+
+@pytest.mark.slow
+def test_an_ablation_trains_scores_and_reports(tmp_path):
+    (full, full_record), (no_mlp, no_mlp_record) = train_and_record("ablations.py", "ablation", ("none", "no_mlp"),
+                                                                    tmp_path)
+    assert no_mlp_record["params"] < full_record["params"]
+    runs = [full, no_mlp]
     chart = tmp_path / "chart.png"
     result = run_script("docs/ablations.py", "--report", *runs, f"--out={chart}", cwd=tmp_path, check=True)
     assert chart.is_file() and re.search(r"^\| the MLP \| [\d,]+ \| \d\.\d{3} \| [+-]\d\.\d{3} \|$", result.stdout, re.M)
