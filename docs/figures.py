@@ -375,29 +375,39 @@ EXPERIMENTS = os.path.join(ROOT, "docs", "en", "04-experiments.md")
 BASH_RUNNABLE = re.compile(r"^```bash runnable[ \t]*\n(.*?)^```", flags=re.M | re.S)
 
 
+def commands_of(body):
+    """A shell block's commands as argv lists: one per line, '\\' continues a line, '#' starts a comment
+    (tests/test_docs.py reads every chapter's shell blocks with it too)."""
+    joined = re.sub(r"\\\n", " ", body)
+    return [argv for argv in (shlex.split(line, comments=True) for line in joined.splitlines()) if argv]
+
+
+def split_variables(argv):
+    """({name: value} of the `NAME=value` words in front, the command after them)."""
+    count = next((i for i, word in enumerate(argv) if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", word)), len(argv))
+    return dict(word.split("=", 1) for word in argv[:count]), argv[count:]
+
+
 def experiment_commands(chapter=EXPERIMENTS):
-    """The chapter's `bash runnable` lines, in order (the zh chapter has the same ones: the docs tests check)."""
+    """The chapter's `bash runnable` commands, in order (the zh chapter has the same ones: the docs tests check)."""
     with open(chapter, encoding="utf-8") as f:
         text = f.read()
-    return [line for block in BASH_RUNNABLE.findall(text) for line in block.splitlines() if line.strip()]
+    return [argv for block in BASH_RUNNABLE.findall(text) for argv in commands_of(block)]
 
 
-def run_command_line(line):
-    """One line such as `OMP_NUM_THREADS=1 python train.py ...`, run from the repository root with this Python."""
-    argv, env = shlex.split(line), dict(os.environ)
-    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
-        name, value = argv.pop(0).split("=", 1)
-        env[name] = value
-    if argv[:1] == ["python"]:
-        argv[0] = sys.executable
-    print("running:", line, flush=True)
-    if subprocess.run(argv, cwd=ROOT, env=env).returncode:
-        raise UsageError(f"this command of chapter 4 failed (see above): {line}")
+def run_command(argv):
+    """One command such as `OMP_NUM_THREADS=1 python train.py ...`, run from the repository root with this Python."""
+    variables, command = split_variables(argv)
+    if command[:1] == ["python"]:
+        command = [sys.executable, *command[1:]]
+    print("running:", shlex.join(argv), flush=True)
+    if subprocess.run(command, cwd=ROOT, env={**os.environ, **variables}).returncode:
+        raise UsageError(f"this command of chapter 4 failed (see above): {shlex.join(argv)}")
 
 
 def run_experiments():
-    for line in experiment_commands():
-        run_command_line(line)
+    for argv in experiment_commands():
+        run_command(argv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ import pytest
 
 from configurator import UsageError, load_config, parse_value, train_defaults
 from conftest import CORPUS, run_script
+from test_docs_figures import load_script
+
+figures_script = load_script("figures")  # it runs chapter 4's commands: every chapter's shell blocks are read its way
+commands_of, split_variables = figures_script.commands_of, figures_script.split_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ("en", "zh")
@@ -343,16 +347,9 @@ def test_python_examples_run_and_print_what_the_docs_show(name):
 # Shell commands: every one is checked; the runnable ones are run with tiny settings
 
 
-def commands_of(body):
-    """The shell commands of a block: one per line, '\\' continues a line, '#' starts a comment."""
-    joined = re.sub(r"\\\n", " ", body)
-    return [shlex.split(line, comments=True) for line in joined.splitlines() if shlex.split(line, comments=True)]
-
-
 def script_and_args(argv):
     """('train.py', [args]) for `python train.py ...` or `torchrun ... train.py ...`, else (None, argv)."""
-    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
-        argv = argv[1:]  # environment variables in front
+    _, argv = split_variables(argv)  # environment variables in front
     if argv and argv[0] in ("python", "python3") and len(argv) > 1 and argv[1].endswith(".py"):
         return argv[1], argv[2:]
     if argv and argv[0] == "torchrun":
@@ -443,8 +440,8 @@ def test_runnable_commands_run(name, tmp_path):
     """Every `bash runnable` command of a chapter, in order, in one sandbox (zh has the same ones)."""
     folder = sandbox(tmp_path)
     for argv in runnable_commands("en", name):
-        variables = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", a))
-        launcher = argv[len(variables)] if len(argv) > len(variables) else None
+        variables, command = split_variables(argv)
+        launcher = command[0] if command else None
         script, args = script_and_args(argv)
         assert script and launcher in ("python", "python3"), f"{name}: only `python script.py` commands can be runnable"
         result = run_script(script, *args, *TINY_TAIL.get(script, []), cwd=folder, env=variables)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 
 import pytest
 import torch
@@ -127,21 +128,22 @@ def test_the_experiments_commands_draw_every_picture_of_chapter_4():
     with open(figures.EXPERIMENTS, encoding="utf-8") as f:
         text = f.read()
     shown = set(re.findall(r"\]\(\.\./img/([\w-]+\.png)\)", text))
-    drawn = {m for line in figures.experiment_commands() for m in re.findall(r"--out=docs/img/([\w-]+\.png)", line)}
+    lines = [shlex.join(argv) for argv in figures.experiment_commands()]
+    drawn = {m for line in lines for m in re.findall(r"--out=docs/img/([\w-]+\.png)", line)}
     assert shown and drawn == shown
-    trainings = [line for line in figures.experiment_commands() if " train.py " in line]
+    trainings = [line for line in lines if " train.py " in line]
     assert len(trainings) > 10 and all(line.startswith(("python ", "OMP_NUM_THREADS=1 python ")) for line in trainings)
 
 
 def test_an_experiment_line_runs_with_its_variables_from_the_root(monkeypatch):
     calls = []
     monkeypatch.setattr(figures.subprocess, "run", lambda argv, **kw: calls.append((argv, kw)) or FakeResult(len(calls) - 1))
-    figures.run_command_line('OMP_NUM_THREADS=1 python plot.py out-exp/base --title="a b"')
+    figures.run_command(shlex.split('OMP_NUM_THREADS=1 python plot.py out-exp/base --title="a b"'))
     argv, kw = calls[0]
     assert argv == [figures.sys.executable, "plot.py", "out-exp/base", "--title=a b"]
     assert kw["cwd"] == ROOT and kw["env"]["OMP_NUM_THREADS"] == "1"
     with pytest.raises(figures.UsageError, match="failed .*: python train.py x"):
-        figures.run_command_line("python train.py x")
+        figures.run_command(["python", "train.py", "x"])
 
 
 class FakeResult:
