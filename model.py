@@ -1,9 +1,9 @@
 """
 The GPT model in one file. Read it top to bottom: LayerNorm -> KV cache -> attention -> MLP -> Block ->
-GPTConfig -> GPT (init, forward, surgery, from_pretrained, optimizers, MFU, generate) -> sampling.
+GPTConfig -> GPT (init, forward, surgery, from_pretrained, optimizers, generate) -> sampling.
 Shapes use B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
-V = vocab size. What only makes it fast or connects it elsewhere lives beside it: optim.py (Muon),
-decoding.py (CUDA-graph decoding), hf.py (Hugging Face weights), mfu.py (the peak FLOP/s).
+V = vocab size. What only makes it fast or connects it elsewhere lives in machinery/: optimizers.py
+(Muon), decoding.py (CUDA-graph decoding), hf.py (Hugging Face weights), speed.py (FLOPs and MFU).
 """
 
 import inspect
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from decoding import DecodeStep
+from machinery.decoding import DecodeStep
 
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's
@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x, cache=None, pos=None, trace=None):
+    def forward(self, x, cache=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -85,10 +85,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v, pos)  # (B, nh, block_size, hs)
             mask = self.causal_mask[pos]  # (T, block_size): the query at position p sees keys 0..p
-        if self.attention == "sdpa" and trace is None:
-            y = self._sdpa(q, k, v, mask)
-        else:  # tracing needs the weights, which only the explicit path has
-            y = self._explicit(q, k, v, mask, trace)
+        y = self._sdpa(q, k, v, mask) if self.attention == "sdpa" else self._explicit(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -99,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _explicit(self, q, k, v, mask, trace=None):
+    def _explicit(self, q, k, v, mask):
         """The textbook path the docs teach: softmax(q @ k^T / sqrt(hs), causal) @ v."""
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
@@ -107,9 +104,7 @@ class CausalSelfAttention(nn.Module):
             mask = self.causal_mask[:T, :S]  # (T, S)
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
-        if trace is not None:
-            trace["attention"].append(att)
-        att = self.attn_dropout(att)
+        att = self.attn_dropout(att)  # (the lens reads the weights here, with a forward hook)
         return att @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
 
@@ -139,8 +134,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, pos=None, trace=None):
-        x = x + self.attn(self.ln_1(x), cache, pos, trace)
+    def forward(self, x, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -197,14 +192,12 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None, pos=None, trace=None):
+    def forward(self, idx, targets=None, caches=None, pos=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T), logits are (B, T, V) and loss is the mean cross-entropy (targets of
         -1 are ignored). Without targets only the last position is scored: logits (B, 1, V).
         caches: one KVCache per layer, for generation, with pos (T,) the positions of idx's tokens.
-        trace: a dict that, when given, gets 'residual' (the stream after the embeddings and after each
-        block, each (B, T, C)) and 'attention' (each layer's weights (B, nh, T, T), via _explicit).
         """
         B, T = idx.size()
         assert T <= self.config.block_size, f"cannot run {T} tokens at once, block_size is {self.config.block_size}"
@@ -213,12 +206,8 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)
-        if trace is not None:
-            trace.update(residual=[x], attention=[])
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None, pos, trace)
-            if trace is not None:
-                trace["residual"].append(x)
+            x = block(x, caches[i] if caches else None, pos)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
@@ -237,9 +226,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from Hugging Face (a hub name or a local save_pretrained directory), via hf.py."""
-        from hf import gpt2_from_hf
-        return gpt2_from_hf(name_or_path, override_args)
+        """GPT-2's weights from Hugging Face (a hub name or a local save_pretrained folder). Our module
+        names are GPT-2's, so its state dict loads key by key (machinery/hf.py transposes four matrices)."""
+        from machinery.hf import gpt2_weights
+        sizes, state = gpt2_weights(name_or_path, LAYER_NORM_EPS)
+        model = cls(GPTConfig(**sizes, **(override_args or {})))  # override_args: dropout, attention
+        model.load_state_dict(state)
+        return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_dtype=torch.bfloat16):
@@ -262,19 +255,9 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if optimizer != "muon":
             return [adamw]
-        from optim import Muon  # training code: sampling, which imports this file, never loads it
+        from machinery.optimizers import Muon  # training code: sampling, which imports this file, never loads it
         return [adamw, Muon([{"params": muon, "name": "muon"}], lr=learning_rate, weight_decay=weight_decay,
                             ns_dtype=muon_dtype)]
-
-    def flops_per_token(self):
-        """Forward + backward FLOPs per token: 6 per parameter plus attention (PaLM appendix B)."""
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * self.num_params() + 12 * L * H * Q * T
-
-    def estimate_mfu(self, tokens_per_second, peak_flops):
-        """Model FLOPs utilisation: the share of the device's peak FLOP/s that training uses."""
-        return self.flops_per_token() * tokens_per_second / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,

@@ -10,8 +10,8 @@ import json
 import math
 import os
 
-from configurator import ArgumentParser, UsageError, run_cli
-from faults import atomic_write, writing
+from machinery.cli import ArgumentParser, UsageError, run_cli
+from machinery.faults import atomic_write, writing
 
 PANEL_INCHES = (4.5, 3.5)  # width, height of one panel; panels sit side by side
 DPI = 100  # so a panel is 450 x 350 pixels

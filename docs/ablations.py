@@ -25,12 +25,12 @@ sys.path.insert(0, ROOT)  # run as `python docs/ablations.py`: the modules it us
 import torch
 import torch.nn as nn
 
-import configurator
+from machinery import configurator
 import train
-from checkpoint import load_checkpoint
-from configurator import ArgumentParser, UsageError, run_cli
+from machinery.checkpoint import load_checkpoint
+from machinery.cli import ArgumentParser, UsageError, run_cli
 from data import tokenizer_from
-from faults import atomic_write
+from machinery.faults import atomic_write
 from model import GPT, GPTConfig
 
 RECIPE = os.path.join(ROOT, "config", "shakespeare_char_cpu.py")

@@ -31,11 +31,11 @@ sys.path.insert(0, ROOT)  # run as `python docs/figures.py`: the modules it draw
 
 import torch
 
-import configurator
+from machinery import configurator
 import model as model_py
 import train
-from checkpoint import load_checkpoint
-from configurator import ArgumentParser, UsageError, run_cli
+from machinery.checkpoint import load_checkpoint
+from machinery.cli import ArgumentParser, UsageError, run_cli
 from data import load_split, tokenizer_from, windows_at
 from model import GPT, GPTConfig
 

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)  # run as `python docs/notebooks.py`: configurator live
 
 import nbformat
 
-from configurator import ArgumentParser, UsageError, run_cli
+from machinery.cli import ArgumentParser, UsageError, run_cli
 
 LANGS = ("en", "zh")
 RUNNABLE = re.compile(r"^```python runnable[ \t]*\n(.*?)^```[ \t]*$\n?", flags=re.M | re.S)

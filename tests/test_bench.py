@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import bench
-import devices
-from devices import fast_path
-from mfu import peak_flops
+from machinery import devices
+from machinery.devices import fast_path
+from machinery.speed import peak_flops
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_data_bench_reports_speed_and_memory_for_both_tokenizers():
 
 
 def test_whole_split_loss_scores_each_non_overlapping_window_once_for_both_checkpoint_kinds(tmp_path):
-    from checkpoint import save_checkpoint
+    from machinery.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=11)
     torch.manual_seed(0)

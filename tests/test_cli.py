@@ -14,12 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import estimate
+from machinery import speed as estimate
 import generate
-import interactive
-from configurator import UsageError, load_config, train_defaults
+from machinery import interactive
+from machinery.cli import UsageError
+from machinery.configurator import load_config, train_defaults
 from conftest import CORPUS, ROOT, run_script
-from corpus import prepare_folder
+from machinery.corpus import prepare_folder
 from data import load_split, prepare
 
 TEMP_FILE = re.compile(r".*\.tmp\d+.*")  # what our atomic writes call their temporary files
@@ -153,7 +154,7 @@ def test_ctrl_c_in_generate_is_one_line_and_exit_130(trained_run):
 INTERRUPTING = """
 import os, signal, sys
 import corpus, data
-from configurator import run_cli
+from machinery.cli import run_cli
 data.CHUNK_BYTES, corpus.RECORD_SECONDS = 997, 0
 signum = getattr(signal, {signal!r})
 def interrupt():
@@ -227,7 +228,7 @@ def test_a_stopped_corpus_preparation_keeps_its_progress_and_continues_to_the_sa
 EXPORT_INTERRUPTED = """
 import os, signal, sys
 import export
-from configurator import run_cli
+from machinery.cli import run_cli
 write_tokenizer = export.write_tokenizer
 def write_and_interrupt(*args):
     write_tokenizer(*args)  # the weights and the tokenizer are in the temporary folder

@@ -13,11 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-import corpus
+from machinery import corpus
 import data
-from configurator import UsageError, load_config, run_cli
+from machinery.cli import UsageError, run_cli
+from machinery.configurator import load_config
 from conftest import CORPUS, ROOT, VERSES, run_script
-from corpus import prepare_folder
+from machinery.corpus import prepare_folder
 from data import PROGRESS_FILE, gpt2_encoding, load_split
 
 # Documents that are awkward for a tokenizer: many scripts, whitespace runs, the end-of-text marker
@@ -87,7 +88,7 @@ def test_folder_gives_each_document_encoded_and_joined_with_end_of_text(tmp_path
 PREPARE = """
 import os, signal, sys
 import corpus, data
-from configurator import run_cli
+from machinery.cli import run_cli
 data.CHUNK_BYTES = 997
 corpus.RECORD_SECONDS = 0
 die, records = {die!r}, []
@@ -273,7 +274,7 @@ def test_eval_gpt2_config_scores_a_local_hugging_face_gpt2_offline(tmp_path, gpt
 
 @pytest.mark.parametrize("size", ["", "_medium", "_large", "_xl"])
 def test_eval_configs_evaluate_openai_gpt2_weights_only(size):
-    import configurator
+    from machinery import configurator
     import train
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, f"config/eval_gpt2{size}.py")])
     configurator.check_train_config(config)

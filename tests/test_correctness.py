@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from configurator import load_config, train_defaults
+from machinery.configurator import load_config, train_defaults
 from model import GPT, GPTConfig
 from train import get_lr
 
@@ -154,7 +154,7 @@ def muon_runs(make_optimizer, steps=4):
 
 
 def test_muon_in_bfloat16_is_torch_optim_muon_step_for_step():
-    from optim import Muon
+    from machinery.optimizers import Muon
     ours = muon_runs(lambda ws: Muon(ws, lr=4e-3, weight_decay=0.1, ns_dtype=torch.bfloat16))
     torchs = muon_runs(lambda ws: torch.optim.Muon(ws, lr=4e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
     assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
@@ -162,7 +162,7 @@ def test_muon_in_bfloat16_is_torch_optim_muon_step_for_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_orthogonalise_brings_every_singular_value_near_one(dtype):
-    from optim import orthogonalise
+    from machinery.optimizers import orthogonalise
     torch.manual_seed(0)
     for shape in ((96, 32), (32, 128)):
         k = min(shape)
@@ -223,7 +223,7 @@ def test_gradients_match_finite_differences_in_float64(attention):
 def test_muon_skips_a_flagged_step_on_the_device_and_otherwise_steps_as_usual():
     """found_inf (a device tensor, as health.py's guard passes it) skips the step without a host read: weights
     and momentum stay bit for bit even with NaN gradients; unflagged, the step is the plain one."""
-    from optim import Muon
+    from machinery.optimizers import Muon
     torch.manual_seed(0)
     weights = [torch.randn(8, 16), torch.randn(16, 8)]
     grads = [torch.randn(8, 16), torch.randn(16, 8)]

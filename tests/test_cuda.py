@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY
-from decoding import DecodeStep
+from machinery.decoding import DecodeStep
 from model import GPT, GPTConfig, KVCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,7 +45,7 @@ def test_cached_greedy_tokens_equal_uncached_on_cuda():
 
 
 def test_fused_adamw_skips_a_flagged_step_on_the_device():
-    from health import step_unless_bad
+    from machinery.health import step_unless_bad
     p = torch.nn.Parameter(torch.ones(1000, device="cuda"))
     opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=False)

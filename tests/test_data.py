@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import data
-from configurator import UsageError
+from machinery.cli import UsageError
 from data import (CharTokenizer, GPT2Tokenizer, TokenWindows, create_dataloader, get_batch, gpt2_encoding,
                   gpt2_hf_tokenizer, load_split, prepare)
-from sources import markdown_play_to_text
+from machinery.sources import markdown_play_to_text
 
 MULTILINGUAL = ("Héllo wörld! 你好，世界。 Привет, мир. こんにちは 🙂 naïve café — \"quotes\" "
                 "it's 1,234.5 tabs\tand\nnewlines   end  ")

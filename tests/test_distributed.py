@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import ROOT, TINY, run_script
 
 pytestmark = pytest.mark.slow

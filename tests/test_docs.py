@@ -21,7 +21,8 @@ from functools import lru_cache
 
 import pytest
 
-from configurator import UsageError, load_config, parse_value, train_defaults
+from machinery.cli import UsageError
+from machinery.configurator import load_config, parse_value, train_defaults
 from conftest import CORPUS, run_script
 from test_docs_figures import load_script
 
@@ -379,7 +380,7 @@ def check_command(argv):
     try:
         os.chdir(ROOT)
         if script == "train.py":
-            import configurator
+            from machinery import configurator
             import train
             config = load_config(train.DEFAULTS, args)
             configurator.check_train_config(config)
@@ -497,7 +498,7 @@ def recipe_model(path):
     import torch
 
     import train
-    from sources import KNOWN_DATASETS
+    from machinery.sources import KNOWN_DATASETS
     from model import GPT, GPTConfig
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, path)])
     vocab = TINY_SHAKESPEARE_CHARS if KNOWN_DATASETS[config["dataset"]] == "char" else 50257
@@ -609,7 +610,7 @@ def train_output_patterns():
     numbers, and each other f-string that starts with words, in train.py and the modules that speak for it."""
     import itertools
 
-    import metrics
+    from machinery import metrics
     patterns = []
     for mfu, clipped, ratio, scale in itertools.product((None, 0.5), (False, True), (None, -2.5), (None, 1024.0)):
         entry = {"iter": 10, "loss": 2.5, "lr": 1e-3, "ms_per_iter": 50.0, "tokens_per_s": 15000.0, "mfu": mfu,

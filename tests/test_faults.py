@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
-from configurator import UsageError
+from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.cli import UsageError
 from conftest import CORPUS, TINY, VERSES, run_script
 from data import PROGRESS_FILE, gpt2_encoding, load_split
 from test_cli import temp_files

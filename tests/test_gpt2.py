@@ -11,12 +11,13 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import export
-from checkpoint import load_checkpoint, save_checkpoint
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 from conftest import CORPUS, ROOT, run_script
-from configurator import UsageError, load_config, train_defaults
+from machinery.cli import UsageError
+from machinery.configurator import load_config, train_defaults
 from data import GPT2Tokenizer, prepare
 from generate import load_model
-from hf import hf_to_ours, ours_to_hf
+from machinery.hf import hf_to_ours, ours_to_hf
 from model import GPT, GPTConfig
 
 

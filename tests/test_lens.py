@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, run_script
-from configurator import UsageError
+from machinery.cli import UsageError
 from data import GPT2Tokenizer
 from generate import find_checkpoint, load_model
 from lens import Lens, make_server, sampling_settings

@@ -126,7 +126,7 @@ def test_kv_cache_matches_full_forward(attention):
 
 
 def test_decode_step_logits_equal_the_uncached_forward_at_every_position():
-    from decoding import DecodeStep
+    from machinery.decoding import DecodeStep
     from model import KVCache
     model = tiny_model().eval()
     tokens = torch.randint(0, 65, (3, 32))
@@ -143,7 +143,7 @@ def test_decode_step_logits_equal_the_uncached_forward_at_every_position():
 def test_training_forward_and_decode_step_are_each_one_graph_for_torch_compile():
     """No graph breaks: torch.compile sees the whole training forward, and the whole decoding step."""
     import torch._dynamo
-    from decoding import DecodeStep
+    from machinery.decoding import DecodeStep
     from model import KVCache
     model = tiny_model(dropout=0.1)
     x, y = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
@@ -160,7 +160,7 @@ def test_training_forward_and_decode_step_are_each_one_graph_for_torch_compile()
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_logits_on_cpu():
     """generate.py --compile: the one-token step through torch.compile computes what the eager step does."""
-    from decoding import DecodeStep
+    from machinery.decoding import DecodeStep
     from model import KVCache
     model = tiny_model().eval()
     tokens = torch.randint(0, 65, (2, 12))

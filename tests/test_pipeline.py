@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import CORPUS, TINY, run_script
 from data import tokenizer_from
 from generate import load_model

@@ -19,14 +19,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import plot
-import run_folder
-import estimate
-import faults
-import metrics
-import mfu
-from checkpoint import load_checkpoint
+from machinery import run_folder
+from machinery import speed as estimate
+from machinery import faults
+from machinery import metrics
+from machinery import speed as mfu
+from machinery.checkpoint import load_checkpoint
 from conftest import CORPUS, ROOT, TINY, run_script
-from configurator import UsageError
+from machinery.cli import UsageError
 from data import prepare
 from model import GPT, GPTConfig
 
@@ -142,7 +142,7 @@ def test_lock_is_refused_while_held_and_free_once_released(tmp_path):
 
 KILLED_WHILE_WRITING = """
 import os, signal, sys, torch
-from checkpoint import save_checkpoint
+from machinery.checkpoint import save_checkpoint
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies with the temp file written, not renamed
 save_checkpoint(sys.argv[1], {"w": torch.zeros(3)}, {})
 """

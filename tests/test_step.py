@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from conftest import ROOT, TINY, run_script
 
 

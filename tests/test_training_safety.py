@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
-from configurator import UsageError
+from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.cli import UsageError
 from conftest import ROOT, TINY, run_script
 
 pytestmark = pytest.mark.slow

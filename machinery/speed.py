@@ -1,16 +1,31 @@
 """
-The peak FLOP/s that MFU (model FLOPs utilisation) divides by: a GPU's data sheet where we know it,
-else this machine's measured matmul peak, kept in a small cache so that every run divides by the same number.
+Speed: MFU (model FLOPs utilisation: the FLOPs a step needs per token, and the peak FLOP/s it divides by,
+a GPU's data sheet where we know it, else this machine's measured matmul peak, kept in a small cache so
+that every run divides by the same number), and how long a CPU run will take, said in one line before it
+starts (the medians of a few timed training steps and evaluation batches, times the steps ahead).
 """
 
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
 
-from faults import atomic_write
+from machinery.faults import atomic_write
+
+def flops_per_token(model):
+    """Forward + backward FLOPs per token of a GPT: 6 per parameter plus attention (PaLM appendix B)."""
+    cfg = model.config
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    return 6 * model.num_params() + 12 * L * H * Q * T
+
+
+def estimate_mfu(model, tokens_per_second, peak_flops):
+    """Model FLOPs utilisation: the share of the device's peak FLOP/s that training uses."""
+    return flops_per_token(model) * tokens_per_second / peak_flops
+
 
 # Peak dense matmul throughput (FLOP/s) of known GPUs, from their vendors' data sheets, used for MFU.
 PUBLISHED_PEAK_FLOPS = {
@@ -100,3 +115,63 @@ def peak_warning():
     """What an MFU above 100% means: the cached peak, not the step, is wrong."""
     return (f"warning: MFU above 100%: the cached matmul peak was measured while the machine was busy; "
             f"delete {PEAK_FLOPS_CACHE} to measure it again")
+
+
+# a CPU run longer than this, of a recipe that does not ask for a CPU, is likely sized for a GPU
+GPU_SIZED_SECONDS = 3600
+
+
+def say_how_long(model, X, Y, config, env, iter_num, evals):
+    """Before a CPU run of one process trains: one line saying roughly how long it will take (how_long)."""
+    if env.device_type != "cpu" or not env.master or env.ddp or config["eval_only"] or iter_num >= config["max_iters"]:
+        return
+    print(how_long(model, X, Y, env.autocast, env.accum_steps, config["max_iters"] - iter_num, evals,
+                   2 * config["eval_iters"], any_device=config["device"] == "auto"))
+
+
+def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any_device):
+    """One line: roughly how long the run will take here, from the medians of a few timed training steps
+    and evaluation batches on the first batch (one step alone can be several times off on a busy CPU).
+    Weights, gradients and random state are left as they were.
+    any_device: the recipe did not ask for a CPU (device='auto'), so it may well be sized for a GPU."""
+    def train_step():
+        with autocast:
+            _, loss = model(X, Y)
+        loss.backward()
+
+    def eval_batch():
+        with torch.inference_mode(), autocast:
+            model(X, Y)
+
+    with torch.random.fork_rng(devices=[]):  # dropout draws random numbers: training must not see them
+        eval_batch()  # untimed: the first call pays for allocations and kernel selection
+        step_s = median_seconds(train_step) * accum_steps
+        batch_s = median_seconds(eval_batch)
+    model.zero_grad(set_to_none=True)
+    total = steps * step_s + evals * eval_batches * batch_s
+    line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
+            f"evaluation{'s' * (evals != 1)} of up to {eval_batches} batches will take about {duration(total)}")
+    if total > GPU_SIZED_SECONDS and any_device:
+        line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
+                 "a smaller model in minutes")
+    return line
+
+
+TIMED_RUNS, TIMING_BUDGET_S = 5, 2.0  # a model whose step takes seconds is timed fewer times (at least once)
+
+
+def median_seconds(work):
+    """The median duration of up to TIMED_RUNS calls of work(), stopping early once TIMING_BUDGET_S is spent."""
+    times = []
+    while len(times) < TIMED_RUNS and sum(times) < TIMING_BUDGET_S:
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

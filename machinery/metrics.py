@@ -5,20 +5,56 @@ Weights & Biases, and the one-line log format. On resume the record is cut back 
 
 import json
 import os
+import time
 
-from configurator import UsageError
-from faults import atomic_write, writing
-from health import SpikeWatch
-from mfu import peak_warning
+import torch
+
+from machinery.cli import UsageError
+from machinery.faults import atomic_write, writing
+from machinery.health import SpikeWatch
+from machinery.speed import estimate_mfu, peak_flops, peak_warning
 
 
 class MetricsLog:
-    """Appends entries to out_dir/metrics.jsonl and to every extra sink; only the first process writes."""
+    """The log lines (above the progress bar) and the record: entries appended to out_dir/metrics.jsonl and
+    to every extra sink; only the first process writes."""
 
-    def __init__(self, out_dir, config, master):
-        self.path, self.master = os.path.join(out_dir, "metrics.jsonl"), master
-        self.sinks = open_loggers(out_dir, config) if master else []
+    def __init__(self, out_dir, config, env, model, scaler, progress, tokens_per_iter):
+        self.path, self.master = os.path.join(out_dir, "metrics.jsonl"), env.master
+        self.sinks = open_loggers(out_dir, config) if env.master else []
         self.spikes, self.warned_peak = SpikeWatch(), False
+        self.model, self.scaler, self.progress, self.tokens_per_iter = model, scaler, progress, tokens_per_iter
+        self.accum_steps, self.grad_clip = env.accum_steps, config["grad_clip"]
+        self.peak = peak_flops(env.device, env.dtype) if env.master else None
+        self.clock, self.clock_iter = time.perf_counter(), None  # since when, and since which iteration
+
+    def log(self, line):
+        if self.master:
+            self.progress.write(line)
+
+    def restart_clock(self, iter_num):
+        """Time ms/iter from now on (an evaluation's time is not a step's)."""
+        self.clock, self.clock_iter = time.perf_counter(), iter_num
+
+    def log_step(self, iter_num, lr, loss, grad_norm, guard, monitor):
+        """At a log step: the one read of the device since the last log, the guard's report, then (first
+        process) the log line and the record. Every process calls it: with FSDP the figures are collective."""
+        loss_value, norm_value, run_now, longest, skipped_now = torch.stack(
+            [loss.detach().float() * self.accum_steps, grad_norm.float(), *guard.counts()]).tolist()
+        guard.report(self.log, iter_num, loss_value, run_now, longest, skipped_now)
+        if not self.master:
+            return
+        now = time.perf_counter()
+        dt = (now - self.clock) / (iter_num - self.clock_iter)
+        self.restart_clock(iter_num)
+        entry = {"type": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
+                 "tokens_per_s": self.tokens_per_iter / dt,
+                 "mfu": estimate_mfu(self.model, self.tokens_per_iter / dt, self.peak) if self.peak else None,
+                 "grad_norm": norm_value, "clipped": bool(self.grad_clip > 0 and norm_value > self.grad_clip),
+                 "update_ratio_log10": monitor.take(), "skipped_steps": int(skipped_now),
+                 "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None}
+        self.progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        self.log_train(entry, self.log)  # the line, its warnings (a loss spike, MFU > 100%), metrics.jsonl
 
     def record(self, entry):
         if not self.master:

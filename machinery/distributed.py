@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from configurator import UsageError
+from machinery.cli import UsageError
 
 
 def launched_by_torchrun():
@@ -48,12 +48,12 @@ def wrap_ddp(model, dev):
     return DDP(model, device_ids=[dev] if dev.startswith("cuda") else None)
 
 
-def sync_context(model, ddp, fsdp, last_micro_step):
+def sync_context(model, env, last_micro_step):
     """Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on its last micro-batch."""
     from contextlib import nullcontext
-    if fsdp:
+    if env.fsdp:
         model.set_requires_gradient_sync(last_micro_step)
-    return model.no_sync() if ddp and not fsdp and not last_micro_step else nullcontext()
+    return model.no_sync() if env.ddp and not env.fsdp and not last_micro_step else nullcontext()
 
 
 def all_reduce_sum(*tensors):

@@ -8,8 +8,8 @@ import os
 import re
 import urllib.request
 
-from configurator import UsageError
-from faults import atomic_write
+from machinery.cli import UsageError
+from machinery.faults import atomic_write
 
 KNOWN_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -19,8 +19,10 @@ import time
 
 from filelock import lock_descriptor
 
-from configurator import UsageError
-from faults import writing
+from machinery.cli import UsageError
+from machinery import distributed
+from machinery.faults import remove_leftovers, writing
+from machinery.metrics import trim_metrics
 
 LOCK_FILE = "train.lock"
 EARLIER_RUNS = "earlier-runs"
@@ -29,6 +31,51 @@ RUN_FILE = re.compile(r"ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metr
 # what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py: trim_metrics,
 # plot.py)
 LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png)\.tmp(\d+)")
+
+
+def open_run_folder(out_dir, lock):
+    """Make out_dir, take its lock (lock=False: another process of this run, or --inspect, which writes
+    nothing) and remove what a killed run half-wrote; returns the path of its ckpt.pt."""
+    make_run_folder(out_dir)
+    if lock:
+        lock_run_folder(out_dir)
+        remove_leftovers(out_dir, LEFTOVER)
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+def start_record(out_dir, config, iter_num, master):
+    """A resumed run continues its record (metrics.jsonl cut back to the checkpoint); a new one first sets
+    the earlier run's files aside. Only the first process, and only for a run that trains."""
+    if not master or config["eval_only"] or config["inspect"]:
+        return
+    if config["init_from"] == "resume":
+        trim_metrics(os.path.join(out_dir, "metrics.jsonl"), iter_num)
+    else:
+        set_aside_earlier_run(out_dir, config["replace_earlier_run"])
+
+
+def end_run(iter_num, checkpoints, evals, stop, env, progress):
+    """After the loop: the final ckpt.pt (collective with FSDP), every process waits for it, then the first
+    says what was saved and what to do next. A stopped run exits with 128 + the signal's number."""
+    progress.close()
+    checkpoints.save_final(iter_num, evals)
+    distributed.finish(env.ddp, env.stop_group)  # collective: no process exits before the first one has saved
+    ckpt_path = os.path.join(checkpoints.out_dir, "ckpt.pt")
+    eval_only = checkpoints.config["eval_only"]
+    if stop.signal is not None:
+        if env.master and not eval_only and os.path.exists(ckpt_path):
+            print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "
+                  f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+        elif env.master:  # stopped in an evaluation before any step (or in eval_only): no state worth keeping
+            print(f"stopped at iteration {iter_num} with no step taken: nothing was saved; run the same command "
+                  "again")
+        sys.exit(128 + stop.signal)
+    if env.master:
+        best = os.path.join(checkpoints.out_dir, "best_model.pt")
+        last = f", last {evals.last_val:.4f}" if evals.last_val else ""
+        print(f"done: best val loss {evals.best_val_loss:.4f}{last}")
+        if os.path.exists(best):
+            print(f"sample from it: python generate.py --ckpt {best}")
 
 
 def make_run_folder(out_dir):

@@ -1,7 +1,7 @@
 """
 Corpora: many documents (a folder of .txt/.jsonl files, or a Hugging Face dataset), streamed, tokenized
 with GPT-2 BPE on all cores, written as they come, and resumable after a kill. `python data.py --folder`
-and `--hf` run prepare_folder and prepare_hf.
+and `--hf` run prepare_corpus_cli.
 """
 
 import hashlib
@@ -12,12 +12,14 @@ import typing
 
 import numpy as np
 
-from configurator import UsageError, first_line
-import data
-from data import (DATA_LEFTOVER, PROGRESS_FILE, TRAIN_FRACTION, GPT2Tokenizer, check_uint16, cut_at_words, encode_text,
-                  gpt2_encoding, read_text_chunks, write_json)
-from faults import remove_leftovers
-from workers import in_order, usable_cores
+from machinery.cli import UsageError, first_line
+from machinery import preparation
+from machinery.faults import writing
+from machinery.gpt2_bpe import GPT2_VOCAB_SIZE, gpt2_encoding
+from machinery.preparation import (DATA_LEFTOVER, PROGRESS_FILE, TRAIN_FRACTION, check_uint16, cut_at_words,
+                                   encode_text, read_text_chunks, write_json)
+from machinery.faults import remove_leftovers
+from machinery.workers import in_order, usable_cores
 
 VAL_EVERY = round(1 / (1 - TRAIN_FRACTION))  # every 10th document goes to val.bin, the others to train.bin
 RECORD_SECONDS = 10  # how often that record is brought up to date (a restart redoes at most this much)
@@ -93,7 +95,7 @@ def jsonl_blocks(path, text_field):
     """About CHUNK_BYTES of a .jsonl file at a time, cut after its last newline."""
     carry, line = b"", 1
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(data.CHUNK_BYTES), b""):
+        for block in iter(lambda: f.read(preparation.CHUNK_BYTES), b""):
             head, newline, carry = (carry + block).rpartition(b"\n")  # no newline: a long line, read on
             if newline:
                 yield JsonLines(path, line, head, text_field)
@@ -130,7 +132,7 @@ def corpus_jobs(items, done):
             continue  # written before the interruption
         job.append(item)
         size += len(item.text if isinstance(item, TextPiece) else item.raw)
-        if size >= data.CHUNK_BYTES:
+        if size >= preparation.CHUNK_BYTES:
             yield count, job
             job, size = [], 0
     if job:
@@ -215,9 +217,9 @@ def prepare_corpus(items, out_dir, source, workers=None):
     progress record says how much of them is safely on disk, so a preparation stopped at any point
     (even by kill -9) and run again with the same `source` ends with the same files."""
     from tqdm import tqdm
-    check_uint16(GPT2Tokenizer.vocab_size, "GPT-2's BPE")
+    check_uint16(GPT2_VOCAB_SIZE, "GPT-2's BPE")
     gpt2_encoding()  # built once here: the forked workers inherit it
-    source = {**source, "chunk_bytes": data.CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
+    source = {**source, "chunk_bytes": preparation.CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
     os.makedirs(out_dir, exist_ok=True)
     remove_leftovers(out_dir, DATA_LEFTOVER)
     state = resume_state(out_dir, source)
@@ -257,7 +259,7 @@ def prepare_corpus(items, out_dir, source, workers=None):
     if documents == 0:
         raise UsageError(f"{source.get('folder') or source.get('hf')} holds no documents")
     val_documents = documents // VAL_EVERY + (state.get("val_from_train") == "document")
-    meta = {"source": source, "tokenizer": GPT2Tokenizer().describe(), "vocab_size": GPT2Tokenizer.vocab_size,
+    meta = {"source": source, "tokenizer": {"kind": "gpt2"}, "vocab_size": GPT2_VOCAB_SIZE,
             "train_tokens": state["train_tokens"], "val_tokens": state["val_tokens"],
             "train_documents": documents - val_documents, "val_documents": val_documents}
     write_json(meta_path, meta)
@@ -288,7 +290,7 @@ def move_last_document_to_val(files, state, record):
 
 def last_position(ids, value):
     """The index of the last `value` in ids, or None; read from the end, CHUNK_BYTES at a time."""
-    step = data.CHUNK_BYTES // 2
+    step = preparation.CHUNK_BYTES // 2
     for end in range(len(ids), 0, -step):
         found = np.flatnonzero(ids[max(0, end - step):end] == value)
         if len(found):
@@ -312,3 +314,17 @@ def prepare_folder(folder, out_dir, text_field="text", workers=None):
 def prepare_hf(name, out_dir, config=None, split="train", text_field="text", workers=None):
     source = {"hf": name, "config": config, "split": split, "text_field": text_field}
     return prepare_corpus(hf_items(hf_rows(name, config, split), text_field, name), out_dir, source, workers)
+
+
+def prepare_corpus_cli(args, out_dir):
+    """python data.py --folder DIR or --hf NAME (args: data.py's parsed flags)."""
+    if sum(map(bool, (args.input, args.folder, args.hf))) > 1:
+        raise UsageError("give one of --input, --folder and --hf")
+    if args.tokenizer == "char":
+        raise UsageError("--folder and --hf corpora are GPT-2 BPE (documents end at its end-of-text token); "
+                         "drop --tokenizer char")
+    with writing(out_dir, kept="what is written so far is kept, and the same command continues it"):
+        if args.folder:
+            prepare_folder(args.folder, out_dir, args.text_field)
+        else:
+            prepare_hf(args.hf, out_dir, args.hf_config, args.hf_split, args.text_field)

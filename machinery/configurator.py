@@ -6,63 +6,12 @@ A config file is Python, but it is parsed, not run: each statement must be `name
 way. So reading a config can never execute code, and every mistake is reported as one line.
 """
 
-import argparse
 import ast
-import difflib
 import io
 import os
 import tokenize
 
-
-class UsageError(Exception):
-    """Bad input from the user. Entry points print it as one line and exit with status 2."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def run_cli(main, interrupted_hint=""):
-    """Run main() as a command-line tool: a UsageError is one line on stderr and exit status 2; Ctrl-C
-    (SIGINT) or SIGTERM is one line and exit status 130 or 143, after the `finally` blocks on the way
-    have removed what was half-written. interrupted_hint: what to do next, said on that line."""
-    import signal
-    import sys
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        newline = "\n" if sys.stderr.isatty() else ""  # after the ^C (or a progress bar) on the terminal
-        print(f"{newline}interrupted by {signal.Signals(signum).name}{'; ' if interrupted_hint else ''}"
-              f"{interrupted_hint}", file=sys.stderr)
-        sys.exit(128 + signum)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one UsageError line rather than usage text plus an error, and --help
-    shows every flag's default."""
-
-    def add_argument(self, *args, **kwargs):
-        default, text = kwargs.get("default"), kwargs.get("help")
-        shown = default is not None and default is not False and default != argparse.SUPPRESS  # not 0 == False
-        if shown and "%(default)" not in (text or "") and "(default" not in (text or ""):
-            kwargs["help"] = f"{text} (default: %(default)s)" if text else "default: %(default)s"
-        return super().add_argument(*args, **kwargs)
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
+from machinery.cli import UsageError, closest
 
 
 def literal_assignments(source, filename):
@@ -92,12 +41,6 @@ def parse_value(text):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-
-
-def closest(name, names):
-    """' (did you mean 'x'?)' for the nearest valid spelling, or '' when nothing is close."""
-    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def check_type(key, value, default, source):
@@ -130,6 +73,13 @@ def load_config(defaults, argv):
             if key not in defaults:
                 raise UsageError(f"unknown config key '{key}' in {source}{closest(key, list(defaults))}")
             config[key] = check_type(key, value, defaults[key], source)
+    return config
+
+
+def load_train_config(defaults, argv):
+    """train.py's settings: load_config, then the values that have the right type but cannot work."""
+    config = load_config(defaults, argv)
+    check_train_config(config)
     return config
 
 
@@ -174,7 +124,7 @@ def read_config_file(path):
         return literal_assignments(f.read(), path)
 
 
-TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
 def defaults_block():
@@ -263,9 +213,3 @@ def check_train_config(c):
     if init not in INIT_CHOICES and not os.path.isdir(init):
         raise UsageError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a Hugging Face model "
                          f"directory, got {init!r}{closest(init, INIT_CHOICES)}")
-
-
-def first_line(error, width=120):
-    """An exception's message cut to its first line and `width` characters, for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0][:width] if text else type(error).__name__

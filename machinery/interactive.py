@@ -9,7 +9,7 @@ end of the input) exits, and so does Ctrl-C at the prompt.
 
 import sys
 
-from configurator import Interrupted, UsageError, closest
+from machinery.cli import Interrupted, UsageError, closest
 
 SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens", "num_samples", "stop")  # generate.py's flags
 CAN_BE_OFF = ("top_k", "top_p", "stop")

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 
-from configurator import UsageError
+from machinery.cli import UsageError
 
 WRITE_FAULTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some of your disk quota",
                 errno.EROFS: "choose a folder you can write to", errno.EACCES: "choose a folder you can write to",

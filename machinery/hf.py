@@ -1,16 +1,16 @@
 """
-Hugging Face conversion: GPT-2 weights in (a hub name or a save_pretrained folder) and out. Our module
-names are GPT-2's, so a state dict converts key by key, with the four Conv1D matrices transposed.
+Hugging Face conversion: GPT-2 weights in (a hub name or a save_pretrained folder; model.py:
+GPT.from_pretrained builds the model) and out (export.py). Our module names are GPT-2's, so a state dict
+converts key by key, with the four Conv1D matrices transposed.
 """
 
-from configurator import UsageError, first_line
-from model import GPT, GPTConfig, LAYER_NORM_EPS
+from machinery.cli import UsageError, first_line
 
 # Hugging Face's GPT-2 stores these weights as Conv1D, i.e. transposed relative to nn.Linear.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def refuse_gpt2_variants(hc, name_or_path):
+def refuse_gpt2_variants(hc, name_or_path, layer_norm_eps):
     """A UsageError naming the first Hugging Face GPT-2 setting whose maths this model does not have:
     loading such weights would run without error and compute something else."""
     implemented = {  # field: (is the value one we compute?, what we compute)
@@ -19,7 +19,7 @@ def refuse_gpt2_variants(hc, name_or_path):
         "scale_attn_weights": (hc.scale_attn_weights, "True (scores divided by sqrt(head size))"),
         "scale_attn_by_inverse_layer_idx": (not hc.scale_attn_by_inverse_layer_idx, "False"),
         "reorder_and_upcast_attn": (not hc.reorder_and_upcast_attn, "False"),
-        "layer_norm_epsilon": (hc.layer_norm_epsilon == LAYER_NORM_EPS, f"{LAYER_NORM_EPS}"),
+        "layer_norm_epsilon": (hc.layer_norm_epsilon == layer_norm_eps, f"{layer_norm_eps}"),
         "add_cross_attention": (not hc.add_cross_attention, "False (a decoder only)"),
         "tie_word_embeddings": (hc.tie_word_embeddings, "True (the head is the token embedding)"),
     }
@@ -45,21 +45,35 @@ def ours_to_hf(state):
             for key, value in state.items()}
 
 
-def gpt2_from_hf(name_or_path, overrides=None):
-    """A GPT holding Hugging Face GPT-2 weights; overrides may set dropout and attention. A hub name with
-    no network, or a wrong name, is one clear error."""
-    overrides = overrides or {}
-    assert set(overrides) <= {"dropout", "attention"}, overrides
+def gpt2_weights(name_or_path, layer_norm_eps):
+    """(sizes, state dict) of Hugging Face GPT-2 weights, for model.py: GPT.from_pretrained. A hub name with no
+    network, or a wrong name, is one clear error; so is a GPT-2 variant whose maths differs from ours."""
     from transformers import GPT2Config, GPT2LMHeadModel
     try:
-        refuse_gpt2_variants(GPT2Config.from_pretrained(name_or_path), name_or_path)
+        refuse_gpt2_variants(GPT2Config.from_pretrained(name_or_path), name_or_path, layer_norm_eps)
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
     except OSError as e:
         raise UsageError(f"could not load '{name_or_path}': the Hugging Face hub is unreachable or the "
                          f"name is wrong ({first_line(e, 100)}); a local directory made by "
                          "save_pretrained works offline") from e
     hc = hf.config
-    model = GPT(GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                          n_head=hc.n_head, n_embd=hc.n_embd, bias=True, **overrides))
-    model.load_state_dict(hf_to_ours(hf.state_dict()))
+    sizes = dict(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
+                 n_embd=hc.n_embd, bias=True)
+    return sizes, hf_to_ours(hf.state_dict())
+
+
+def fit_pretrained(model, init_from, model_args, vocab_size, dataset):
+    """GPT-2 weights to start training from, fitted to this run: the dataset must use GPT-2's vocabulary,
+    block_size may shorten the context (cropped) but not lengthen it; model_args take the model's sizes."""
+    block_size = model_args["block_size"]
+    if model.config.vocab_size != vocab_size:
+        raise UsageError(f"{init_from} has a vocabulary of {model.config.vocab_size}, the dataset "
+                         f"'{dataset}' one of {vocab_size}; use a GPT-2 BPE dataset such as shakespeare")
+    if block_size > model.config.block_size:
+        raise UsageError(f"{init_from} was trained with {model.config.block_size} positions, fewer than "
+                         f"block_size={block_size}; use --block_size={model.config.block_size} or less")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    for key in ("n_layer", "n_head", "n_embd", "bias"):
+        model_args[key] = getattr(model.config, key)
     return model

@@ -4,7 +4,8 @@ Checkpoints and resume state: written atomically, read without unpickling anythi
 A checkpoint is a dict of tensors (model, optimizer and scaler state, RNG states) saved with
 torch.save, plus one JSON string `meta` (configuration, tokenizer, iteration, best val loss).
 It is loaded with torch.load(weights_only=True), which only rebuilds tensors and plain containers:
-a file from a stranger cannot run code on your machine.
+a file from a stranger cannot run code on your machine. generate.py: model_from_checkpoint builds the
+model a checkpoint describes.
 """
 
 import json
@@ -12,8 +13,9 @@ import os
 
 import torch
 
-from configurator import UsageError, first_line
-from faults import atomic_write, writing
+from machinery import distributed
+from machinery.cli import UsageError, first_line
+from machinery.faults import atomic_write, writing
 
 FORMAT_VERSION = 1
 
@@ -91,30 +93,13 @@ def load_checkpoint(path, map_location="cpu"):
     return payload, meta
 
 
-def model_from_checkpoint(path, map_location="cpu"):
-    """(model, tokenizer, meta): the GPT and tokenizer a checkpoint describes, its weights loaded (the one
-    way every script builds a model from a checkpoint)."""
-    from data import tokenizer_from
-    from model import GPT, GPTConfig
-    tensors, meta = load_checkpoint(path, map_location)
-    if meta.get("tokenizer", {}).get("kind") not in ("char", "gpt2"):
-        raise UsageError(f"'{path}' names no known tokenizer ({meta.get('tokenizer')!r}); "
-                         "use a checkpoint written by train.py")
-    try:
-        model = GPT(GPTConfig(**meta["model_args"]))
-        model.load_state_dict(tensors["model"])
-        tokenizer = tokenizer_from(meta["tokenizer"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"'{path}' does not hold a complete GlassGPT model ({first_line(e, 100)}); "
-                         "use a checkpoint written by train.py")
-    return model, tokenizer, meta
-
-
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
 
-def check_resumable(ckpt_meta, ckpt_path, model_args, dataset, tokenizer, master):
-    """Resuming needs the checkpoint's model shape and tokenizer: the same ids must mean the same tokens."""
+def check_resumable(ckpt_meta, ckpt_path, config, model_args, tokenizer, master):
+    """Resuming needs the checkpoint's model shape, tokenizer and fsdp setting: the same ids must mean the
+    same tokens, and the saved optimizer state must fit. A changed schedule is said, not refused."""
+    dataset = config["dataset"]
     trained_on = ckpt_meta.get("dataset", dataset)
     if ckpt_meta.get("tokenizer", tokenizer) != tokenizer:
         raise UsageError(f"cannot resume: {ckpt_path} was trained on dataset '{trained_on}', whose tokenizer "
@@ -127,6 +112,57 @@ def check_resumable(ckpt_meta, ckpt_path, model_args, dataset, tokenizer, master
         if saved[k] != model_args[k]:
             raise UsageError(f"cannot resume: {k} is {model_args[k]} in this config but {saved[k]} "
                              f"in {ckpt_path}; use the original model settings or a new out_dir")
+    for key in ("learning_rate", "max_iters", "lr_decay_iters", "min_lr", "warmup_iters"):
+        if ckpt_meta["config"][key] != config[key] and master:
+            print(f"resume: {key} changed from {ckpt_meta['config'][key]} to {config[key]}")
+    if ckpt_meta.get("fsdp", False) != config["fsdp"]:
+        raise UsageError(f"cannot resume: {ckpt_path} was written with fsdp={ckpt_meta.get('fsdp', False)}; "
+                         "resume with the same fsdp setting")
+
+
+class Checkpoints:
+    """What train.py saves and restores: the model, the optimizers, the GradScaler and every random state
+    (the batches' included) as tensors, with the run's settings and progress as JSON."""
+
+    def __init__(self, out_dir, model, optimizers, scaler, batches, model_args, config, meta, env):
+        self.out_dir, self.model, self.optimizers, self.scaler, self.batches = out_dir, model, optimizers, scaler, \
+            batches
+        self.model_args, self.config, self.meta, self.env = model_args, config, meta, env
+        self.saved_at = None  # the iteration of the last save in this run
+
+    def state(self, iter_num, evals):
+        """(tensors, meta) to save. Every process must call it (with FSDP it gathers the shards)."""
+        model_state, optimizer_states = distributed.full_states(self.model, self.optimizers, self.env.fsdp)
+        tensors = {"model": model_state, "optimizers": optimizer_states, "scaler": self.scaler.state_dict(),
+                   **rng_state(self.batches.state)}
+        ckpt_meta = {"model_args": self.model_args, "config": self.config, "iter_num": iter_num,
+                     "fsdp": self.env.fsdp, "best_val_loss": evals.best_val_loss,
+                     "tokenizer": self.meta["tokenizer"], "dataset": self.config["dataset"],
+                     "evaluated": evals.evaluated_at == iter_num}
+        return tensors, ckpt_meta
+
+    def save(self, iter_num, evals):
+        """After an evaluation: ckpt.pt, best_model.pt when val improved, the last keep_last_n ckpt_<iter>.pt
+        (collective with FSDP; the first process writes)."""
+        tensors, ckpt_meta = self.state(iter_num, evals)
+        self.saved_at = iter_num
+        if self.env.master:
+            save_checkpoints(self.out_dir, tensors, ckpt_meta, evals.improved, self.config["keep_last_n"])
+
+    def save_final(self, iter_num, evals):
+        """ckpt.pt always ends as the final state, unless this run took no step since it was saved (collective
+        with FSDP). An eval_only run saves nothing."""
+        last_saved = evals.first_iter if self.saved_at is None else self.saved_at
+        if not self.config["eval_only"] and iter_num != last_saved:
+            tensors, ckpt_meta = self.state(iter_num, evals)
+            if self.env.master:
+                save_checkpoint(os.path.join(self.out_dir, "ckpt.pt"), tensors, ckpt_meta)
+
+    def restore(self, ckpt):
+        """The optimizer, scaler and random states of a checkpoint being resumed."""
+        distributed.load_optimizer_states(self.model, self.optimizers, ckpt["optimizers"], self.env.fsdp)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, self.batches.rng)
 
 
 def save_checkpoints(out_dir, tensors, ckpt_meta, improved, keep_last_n):

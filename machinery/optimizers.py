@@ -39,7 +39,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # found_inf: a () tensor on the device, 1 when the step must be skipped (health.py: step_unless_bad sets
+        # found_inf: a () tensor on the device, 1 when the step must be skipped (health.py: Guard.allows_step sets
         # it, as GradScaler does for fused AdamW); the skip is then arithmetic on the device, never a host read
         keep = None if getattr(self, "found_inf", None) is None else 1 - self.found_inf
         for group in self.param_groups:

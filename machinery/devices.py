@@ -5,7 +5,7 @@ Devices and precision: which device a run uses, and what dtype='auto' and compil
 
 import torch
 
-from configurator import UsageError
+from machinery.cli import UsageError
 
 # bf16 autocast on a CPU pays once matmuls dominate the casts: measured with bench.py on a 2-core
 # AVX512-BF16 machine, it is slower at 128 wide and over twice as fast at 384 wide

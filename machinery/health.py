@@ -1,7 +1,8 @@
 """
 The run's health: the NaN guard (a non-finite loss or gradient never reaches the weights), the update
 ratios (how much a step changes the weights), a loss-spike warning and the --inspect gradient table.
-The guard decides on the device, so between logs the host never waits for a step.
+The guard decides on the device whether a step counts (train.py's loop takes the step itself), so between
+logs the host never waits for it.
 """
 
 import math
@@ -10,8 +11,8 @@ import sys
 
 import torch
 
-from distributed import full
-from optim import Muon
+from machinery.distributed import full
+from machinery.optimizers import Muon
 
 SPIKE_FACTOR = 1.5  # warn when a logged loss exceeds this multiple of its running average
 DIVERGENCE_ADVICE = (
@@ -25,38 +26,51 @@ class Guard:
     """Skips every step whose loss or gradient is not finite, counts the skips on the device, reports them
     at the next log and stops the run after max_bad_steps of them in a row."""
 
-    def __init__(self, optimizers, scaler, max_bad_steps, device, fsdp):
+    def __init__(self, optimizers, scaler, max_bad_steps, env, model, ckpt_path, progress):
         self.optimizers, self.scaler, self.max_bad_steps = optimizers, scaler, max_bad_steps
+        self.model, self.ckpt_path, self.progress = model, ckpt_path, progress
         # fused AdamW and, on a GPU, Muon skip their own update on the device; FSDP makes the host look first
         # (on a CPU a host read costs nothing, and Muon's plain step keeps its results bit for bit)
-        muon_on_device = str(device).startswith("cuda")
-        self.on_device = not fsdp and not scaler.is_enabled() and all(
+        muon_on_device = env.device_type == "cuda"
+        self.on_device = not env.fsdp and not scaler.is_enabled() and all(
             o.defaults.get("fused") or (muon_on_device and isinstance(o, Muon)) for o in optimizers)
         # the current and longest run of non-finite steps in a row, and all skipped steps: () on the device
-        self.bad_run, self.longest_bad_run, self.skipped = (torch.zeros((), device=device) for _ in range(3))
+        self.bad_run, self.longest_bad_run, self.skipped = (torch.zeros((), device=env.device) for _ in range(3))
         self.reported, self.advised = 0, False
 
-    def step(self, loss, grad_norm):
-        """The optimizer step, unless the loss or the gradient norm is not finite."""
+    def allows_step(self, loss, grad_norm):
+        """Whether the loop takes the optimizer step: not when the loss or the gradient norm is not finite.
+
+        The decision is made on the device. Fused AdamW takes it as a `found_inf` tensor and skips its own
+        update when it is 1, as it does for GradScaler, and optim.py's Muon does the same: then the answer is
+        True and the host never waits for the device. Otherwise (FSDP, or Muon on a CPU) the host reads it:
+        one sync per step. With float16 the GradScaler itself skips steps whose gradients overflowed."""
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))  # () bool
-        step_unless_bad(self.optimizers, self.scaler, bad, self.on_device)
         if not self.scaler.is_enabled():  # with fp16 the scaler owns skipping, and overflows are routine
             self.bad_run = (self.bad_run + 1) * bad  # non-finite steps in a row, 0 after a good one
             self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
         self.skipped += bad
+        if self.scaler.is_enabled():
+            return True
+        if self.on_device:
+            for opt in self.optimizers:
+                opt.found_inf = bad.float()  # read by opt.step(), which the loop calls next
+            return True
+        return not bool(bad)
 
     def counts(self):
         """The device-side counts, to read with the log line's other figures in one transfer."""
         return [self.bad_run, self.longest_bad_run, self.skipped]
 
-    def report(self, log, iter_num, loss_value, model, run_now, longest, skipped_now, ckpt_path, progress):
-        """At a log step: say which steps were skipped since the last log; stop the run (exit 3) after
-        max_bad_steps non-finite steps in a row, keeping the last good checkpoint."""
+    def report(self, log, iter_num, loss_value, run_now, longest, skipped_now):
+        """At a log step: say how many steps were skipped since the last log (naming the culprit when the
+        logged step itself was bad); stop the run (exit 3) after max_bad_steps non-finite steps in a row,
+        keeping the last good checkpoint."""
         if skipped_now > self.reported and not self.scaler.is_enabled():
             if run_now:  # this very step was bad: its gradients are still here to name the culprit
                 what = "loss" if not math.isfinite(loss_value) else "gradient"
-                log(f"iter {iter_num}: non-finite {what} (first in {first_nonfinite_grad(model)}); step skipped, "
-                    f"weights untouched ({int(run_now)}/{self.max_bad_steps})")
+                log(f"iter {iter_num}: non-finite {what} (first in {first_nonfinite_grad(self.model)}); step "
+                    f"skipped, weights untouched ({int(run_now)}/{self.max_bad_steps})")
             else:
                 log(f"iter {iter_num}: {int(skipped_now - self.reported)} non-finite step(s) since the last log "
                     "were skipped, weights untouched")
@@ -65,33 +79,12 @@ class Guard:
                 self.advised = True
         self.reported = max(self.reported, skipped_now)
         if longest >= self.max_bad_steps:
-            progress.close()
-            kept = f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path) else \
+            self.progress.close()
+            kept = f"{self.ckpt_path} holds the last good state" if os.path.exists(self.ckpt_path) else \
                 "no checkpoint had been written yet"
             print(f"error: training stopped after {int(longest)} non-finite steps in a row at iteration "
                   f"{iter_num}; {kept}. Lower learning_rate and start again", file=sys.stderr)
             sys.exit(3)
-
-
-def step_unless_bad(optimizers, scaler, bad, on_device):
-    """Update the weights unless `bad` (a () bool tensor on the device) says the step is non-finite.
-
-    Fused AdamW takes a `found_inf` tensor and skips its own update when it is 1, the way it does for
-    GradScaler, so the host never waits for the device; optim.py's Muon does the same. Otherwise (FSDP, or
-    Muon on a CPU) the host reads `bad` first: one sync per step. With float16 the GradScaler itself skips
-    steps whose gradients overflowed."""
-    if scaler.is_enabled():
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-    elif on_device:
-        for opt in optimizers:
-            opt.found_inf = bad.float()
-            opt.step()
-            del opt.found_inf
-    elif not bool(bad):
-        for opt in optimizers:
-            opt.step()
 
 
 def first_nonfinite_grad(model):
@@ -113,6 +106,29 @@ class SpikeWatch:
             log(f"warning: loss spike at iter {iter_num}: {loss:.3f} vs a recent average of "
                 f"{self.average:.3f} (learning rate too high? a bad batch?)")
         self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+
+
+class UpdateMonitor:
+    """Every `interval` steps, how much the step changed the weights (update_ratios): a copy of the weights
+    is taken before the step and compared after it; the ratios wait for the next log line."""
+
+    def __init__(self, optimizers, params, interval):
+        self.optimizers, self.params, self.interval = optimizers, params, interval
+        self.weights_before, self.ratios = None, None
+
+    def before_step(self, iter_num):
+        if (iter_num + 1) % self.interval == 0:
+            self.weights_before = [p.detach().clone() for p in self.params]
+
+    def after_step(self):
+        if self.weights_before is not None:
+            self.ratios = update_ratios(self.optimizers, self.params, self.weights_before)
+            self.weights_before = None
+
+    def take(self):
+        """The ratios measured since the last log (each measurement is logged once), or None."""
+        ratios, self.ratios = self.ratios, None
+        return ratios
 
 
 def update_ratios(optimizers, params, weights_before):
