@@ -1,11 +1,11 @@
 """
-Data, as chapter 2 tells it: a tokenizer turns text into ids, the ids of one text become a train and a
-val split on disk, and training draws batches of windows from them.
+Data, as chapter 2 tells it: a tokenizer turns text into ids, the ids of one text become a train
+and a val split on disk, and training draws batches of windows from them.
 
 Prepare any UTF-8 text:   python data.py --input my.txt --name mydata --tokenizer char|gpt2
 Prepare a known dataset:  python data.py --name shakespeare_char   (or shakespeare)
-Prepare a corpus:         python data.py --folder my_texts/ --name mycorpus   (.txt and .jsonl files)
-                          python data.py --hf Skylion007/openwebtext --name openwebtext   (streamed)
+Prepare a corpus:         python data.py --folder my_texts/ --name mycorpus   (.txt, .jsonl files)
+                          python data.py --hf Skylion007/openwebtext --name openwebtext  (streamed)
 
 A prepared dataset is data/<name>/{train.bin, val.bin, meta.json}: token ids as uint16, the first
 90% of the ids for training and the last 10% for validation, and JSON describing the source and the
@@ -20,8 +20,8 @@ import numpy as np
 
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.gpt2_bpe import GPT2_VOCAB_SIZE, gpt2_encoding
-from machinery.preparation import (char_id_stream, check_text, gpt2_id_stream, needs_preparing, read_meta,
-                                   text_chars, write_json, write_splits)
+from machinery.preparation import (char_id_stream, check_text, gpt2_id_stream, needs_preparing,
+                                   read_meta, text_chars, write_json, write_splits)
 from machinery.sources import KNOWN_DATASETS, find_known_source
 
 # ---------------------------------------------------------------------------------------------
@@ -39,8 +39,9 @@ class CharTokenizer:
     def encode(self, text):
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
-            raise UsageError(f"the text has characters outside this model's vocabulary: "
-                             f"{''.join(unknown[:10])!r}; use only characters from the training text")
+            shown = "".join(unknown[:10])
+            raise UsageError(f"the text has characters outside this model's vocabulary: {shown!r}; "
+                             "use only characters from the training text")
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids):
@@ -71,7 +72,8 @@ def tokenizer_from(description):
         return CharTokenizer(description["chars"])
     if description.get("kind") == "gpt2":
         return GPT2Tokenizer()
-    raise UsageError(f"unknown tokenizer description {description!r}; expected kind 'char' or 'gpt2'")
+    raise UsageError(f"unknown tokenizer description {description!r}; expected kind 'char' or "
+                     "'gpt2'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +90,9 @@ def prepare(input_path, out_dir, tokenizer_kind, source=None):
         tokenizer = CharTokenizer(text_chars(input_path, byte_counts))
         ids = char_id_stream(input_path, tokenizer.stoi)
     n_train, n_val = write_splits(out_dir, ids, size)  # the first 90% of the ids, then the rest
-    meta = {"source": source or os.path.abspath(input_path), "text_sha256": text_sha, "text_bytes": size,
-            "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size,
-            "train_tokens": n_train, "val_tokens": n_val}
+    meta = {"source": source or os.path.abspath(input_path), "text_sha256": text_sha,
+            "text_bytes": size, "tokenizer": tokenizer.describe(),
+            "vocab_size": tokenizer.vocab_size, "train_tokens": n_train, "val_tokens": n_val}
     write_json(os.path.join(out_dir, "meta.json"), meta)
     print(f"prepared {out_dir}: {n_train:,} train and {n_val:,} val tokens, "
           f"vocab {tokenizer.vocab_size:,} ({tokenizer_kind})")
@@ -113,7 +115,7 @@ def load_split(data_dir, name, split):
     """The token ids of one split as a read-only memory map (the file is never loaded whole)."""
     path = os.path.join(data_dir, name, f"{split}.bin")
     if os.path.getsize(path) == 0:
-        return np.zeros(0, dtype=np.uint16)  # a memory map cannot be empty; train.py then says what to do
+        return np.zeros(0, dtype=np.uint16)  # a memory map cannot be empty; train.py says so
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -129,7 +131,8 @@ def windows_at(data, ix, block_size, device):
     """The windows that start at positions ix (B,): x (B, T) and y (B, T) on device."""
     import torch
     offsets = np.arange(block_size + 1)
-    rows = torch.from_numpy(data[ix.numpy()[:, None] + offsets].astype(np.int64))  # (B, T + 1), one gather
+    rows = data[ix.numpy()[:, None] + offsets]  # (B, T + 1): one gather
+    rows = torch.from_numpy(rows.astype(np.int64))
     if device.startswith("cuda"):
         # page-locked memory lets the copy to the GPU run while the CPU carries on
         rows = rows.pin_memory().to(device, non_blocking=True)
@@ -139,14 +142,17 @@ def windows_at(data, ix, block_size, device):
 
 
 class TrainBatches:
-    """Training micro-batches (x, y), endlessly. Each optimizer step draws the start positions of its whole
-    global batch (every process, every micro-batch) from the run's own generator, and this process takes
-    its accum_steps micro-batches of it: the global batch does not depend on how many processes share it,
-    and the generator's state before a step's draw (`state`, saved in checkpoints) redraws it on resume."""
+    """Training micro-batches (x, y), endlessly. Each optimizer step draws the start positions of
+    its whole global batch (every process, every micro-batch) from the run's own generator, and this
+    process takes its accum_steps micro-batches of it: so the global batch does not depend on how
+    many processes share it, and the generator's state before a step's draw (`state`, which
+    checkpoints save) redraws that step on resume."""
 
-    def __init__(self, data, batch_size, block_size, device, seed, accum_steps, rank=0, world_size=1):
+    def __init__(self, data, batch_size, block_size, device, seed, accum_steps, rank=0,
+                 world_size=1):
         import torch
-        self.data, self.batch_size, self.block_size, self.device = data, batch_size, block_size, device
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.device = device
         self.accum_steps, self.rank, self.world_size = accum_steps, rank, world_size
         self.rng = torch.Generator().manual_seed(seed)
         self.micro_batches = self.draw()
@@ -159,15 +165,16 @@ class TrainBatches:
             ix = torch.randint(len(self.data) - self.block_size, (n,), generator=self.rng)
             for micro_step in range(self.accum_steps):
                 first = (self.rank * self.accum_steps + micro_step) * self.batch_size
-                yield windows_at(self.data, ix[first:first + self.batch_size], self.block_size, self.device)
+                starts = ix[first:first + self.batch_size]
+                yield windows_at(self.data, starts, self.block_size, self.device)
 
     def __next__(self):
         return next(self.micro_batches)
 
 
 class TokenWindows:
-    """The PyTorch way: every (x, y) window of a split as a map-style dataset (__len__ and __getitem__,
-    all that a DataLoader asks of one), for a DataLoader."""
+    """The PyTorch way: every (x, y) window of a split as a map-style dataset (__len__ and
+    __getitem__, all that a DataLoader asks of one), for a DataLoader."""
 
     def __init__(self, data, block_size):
         self.data, self.block_size = data, block_size
@@ -183,20 +190,25 @@ class TokenWindows:
 
 def create_dataloader(dataset, batch_size, shuffle):
     import torch
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       drop_last=True)
 
 
 def main():
     p = ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--input", help="a UTF-8 text file (omit for the known datasets)")
     p.add_argument("--name", required=True, help="dataset name: data/<name>/ is written")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: char, or the known dataset's")
+    p.add_argument("--tokenizer", choices=["char", "gpt2"],
+                   help="default: char, or the known dataset's")
     p.add_argument("--data_dir", default="data", help="where datasets live")
-    p.add_argument("--folder", help="a folder of .txt files (one document each) and .jsonl files (one per line)")
-    p.add_argument("--hf", help="a Hugging Face dataset name, streamed (needs: pip install datasets)")
-    p.add_argument("--hf_config", help="with --hf: the dataset's configuration (subset), if it has several")
+    p.add_argument("--folder",
+                   help="a folder of .txt files (one document each) and .jsonl files (one a line)")
+    p.add_argument("--hf", help="a Hugging Face dataset name, streamed (pip install datasets)")
+    p.add_argument("--hf_config",
+                   help="with --hf: the dataset's configuration (subset), if it has several")
     p.add_argument("--hf_split", default="train", help="with --hf: the split to read")
-    p.add_argument("--text_field", default="text", help="the field of a .jsonl line or a row that holds the text")
+    p.add_argument("--text_field", default="text",
+                   help="the field of a .jsonl line or a row that holds the text")
     args = p.parse_args()
     out_dir = os.path.join(args.data_dir, args.name)
     if args.folder or args.hf:
@@ -213,8 +225,8 @@ def main():
 
 
 # what to do after Ctrl-C or SIGTERM (run_cli says it on its one line)
-INTERRUPTED_HINT = ("run the same command again: a --folder or --hf corpus continues where it stopped, "
-                    "an --input text starts over")
+INTERRUPTED_HINT = ("run the same command again: a --folder or --hf corpus continues where it "
+                    "stopped, an --input text starts over")
 
 if __name__ == "__main__":
     run_cli(main, INTERRUPTED_HINT)

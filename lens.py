@@ -5,7 +5,7 @@ See through a trained checkpoint: a local page that shows what the model does wi
     python lens.py --ckpt best_model.pt --port 8000      # the newest best_model.pt below this folder
 
 The page (lens/index.html, lens.js, lens.css) only draws: every number it shows comes from here, and
-here from the model's own code. An analysis is one traced forward (`model.py: GPT.forward(trace=...)`);
+here from the model's own code. An analysis is one traced forward (`lens.py: trace`, forward hooks on the model);
 the sampling settings reshape the probabilities through `model.py: sampling_probs`, the function that
 `sample_next` draws from; generation is `model.py: GPT.generate_stream`, seeded as `generate.py` seeds it.
 """
@@ -23,9 +23,10 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 from torch.nn import functional as F
 
+from generate import load_model, parse_args as generate_flags
+from machinery.checkpoint import find_checkpoint
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.devices import pick_device
-from generate import find_checkpoint, load_model, parse_args as generate_flags
 from model import sampling_probs
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens")
@@ -43,6 +44,31 @@ def sampling_settings(fields):
     given = {key: str(fields[key]).strip() for key in SETTINGS if fields.get(key) is not None}
     flags = vars(generate_flags([f"--{key}={value}" for key, value in given.items() if value]))
     return {key: None if given.get(key) == "" and key in ("top_k", "top_p") else flags[key] for key in SETTINGS}
+
+
+def trace(model, idx):
+    """One forward of idx (B, T) with the model's insides kept: (its logits, {"residual": the stream after the embeddings
+    and after each block, each (B, T, C); "attention": each layer's weights (B, nh, T, T)}). Forward hooks read
+    them where the model computes them; the weights exist only on the explicit attention path (the same
+    result as the fused one), which this forward takes."""
+    kept = {"residual": [], "attention": []}
+    keep_output = lambda module, inputs, output: kept["residual"].append(output)
+    keep_weights = lambda module, inputs, output: kept["attention"].append(inputs[0])  # what dropout is given
+    blocks = model.transformer.h
+    hooks = [model.transformer.drop.register_forward_hook(keep_output)]
+    hooks += [block.register_forward_hook(keep_output) for block in blocks]
+    hooks += [block.attn.attn_dropout.register_forward_hook(keep_weights) for block in blocks]
+    paths = [block.attn.attention for block in blocks]
+    try:
+        for block in blocks:
+            block.attn.attention = "explicit"
+        logits, _ = model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block, path in zip(blocks, paths):
+            block.attn.attention = path
+    return logits, kept
 
 
 def rounded(tensor, digits=6):
@@ -94,17 +120,16 @@ class Lens:
         ids, note = self.prompt_ids(fields.get("prompt", ""))
         settings = sampling_settings(fields)
         position = chosen_position(fields.get("position"), len(ids))
-        trace = {}
         with self.lock, torch.no_grad():
-            self.model(torch.tensor([ids], device=self.device), trace=trace)  # the one forward
+            _, inside = trace(self.model, torch.tensor([ids], device=self.device))  # the one forward
             stages = []
-            for layer, x in enumerate(trace["residual"]):
+            for layer, x in enumerate(inside["residual"]):
                 summary, logits = self.stage(layer, x[0], position)
                 stages.append(summary)
             # the lens of the last block's stream is the model's own prediction, at every position
             return {"tokens": [self.token(i) for i in ids], "note": note, "position": position,
                     "settings": settings, "next": self.next_token(logits[position], settings),
-                    "stack": stages, **self.attention(trace["attention"], len(ids))}
+                    "stack": stages, **self.attention(inside["attention"], len(ids))}
 
     def stage(self, layer, x, position):
         """(summary, logits (T, V)) of the residual stream x (T, C) after `layer` blocks: its size, and what the

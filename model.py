@@ -1,12 +1,12 @@
 """
-The GPT model in one file. Read it top to bottom: LayerNorm -> KV cache -> attention -> MLP -> Block ->
-GPTConfig -> GPT (init, forward, surgery, from_pretrained, optimizers, generate) -> sampling.
+The GPT model in one file. Read it top to bottom: LayerNorm -> KV cache -> attention -> MLP ->
+Block -> GPTConfig -> GPT (init, forward, surgery, from_pretrained, optimizers, generate) ->
+sampling.
 Shapes use B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
 V = vocab size. What only makes it fast or connects it elsewhere lives in machinery/: optimizers.py
 (Muon), decoding.py (CUDA-graph decoding), hf.py (Hugging Face weights), speed.py (FLOPs and MFU).
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -21,8 +21,8 @@ LAYER_NORM_EPS = 1e-5  # GPT-2's
 
 
 class LayerNorm(nn.Module):
-    """Each token's vector scaled to mean 0 and variance 1, then by a learned gain plus an optional bias:
-    nn.LayerNorm(ndim, bias=bias) computes the same; written here, its two parameters are on the page."""
+    """Each token's vector scaled to mean 0 and variance 1, then by a learned gain plus an optional
+    bias: nn.LayerNorm(ndim, bias=bias) computes the same; here its parameters are on the page."""
 
     def __init__(self, ndim, bias):
         super().__init__()
@@ -36,10 +36,11 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Keys and values of one layer at every position of the context: each (B, nh, block_size, hs).
 
-    The buffers have their full size from the start (made on first use, in the dtype the keys come in).
-    Writing positions p fills those columns; attention then reads all block_size columns and the causal
-    mask row of each query hides the ones not written yet. So every one-token step has the same shapes,
-    which lets the GPU reuse its kernels or replay the whole step as one CUDA graph (`DecodeStep`).
+    The buffers have their full size from the start (made on first use, in the dtype of the keys).
+    Writing positions p fills those columns; attention then reads all block_size columns, and the
+    causal mask row of each query hides the ones not written yet. So every one-token step has the
+    same shapes, which lets the GPU reuse its kernels or replay the step as one CUDA graph
+    (machinery/decoding.py: DecodeStep).
     """
 
     def __init__(self, block_size):
@@ -47,7 +48,8 @@ class KVCache:
         self.k = self.v = None
 
     def write(self, k, v, pos):
-        """Store k, v (B, nh, T, hs) at positions pos (T,); return all keys and values (B, nh, block_size, hs)."""
+        """Store k, v (B, nh, T, hs) at positions pos (T,); return all keys and values, each
+        (B, nh, block_size, hs)."""
         if self.k is None:
             B, nh, _, hs = k.shape
             self.k = k.new_zeros(B, nh, self.block_size, hs)
@@ -200,7 +202,8 @@ class GPT(nn.Module):
         caches: one KVCache per layer, for generation, with pos (T,) the positions of idx's tokens.
         """
         B, T = idx.size()
-        assert T <= self.config.block_size, f"cannot run {T} tokens at once, block_size is {self.config.block_size}"
+        block_size = self.config.block_size
+        assert T <= block_size, f"cannot run {T} tokens at once, block_size is {block_size}"
         if pos is None:
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
@@ -211,7 +214,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1)
             return logits, loss
         logits = self.lm_head(x[:, -1:, :])  # (B, 1, V): only the next token is needed
         return logits, None
@@ -226,19 +230,21 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2's weights from Hugging Face (a hub name or a local save_pretrained folder). Our module
-        names are GPT-2's, so its state dict loads key by key (machinery/hf.py transposes four matrices)."""
+        """GPT-2's weights from Hugging Face (a hub name or a local save_pretrained folder). Our
+        module names are GPT-2's, so its state dict loads key by key (machinery/hf.py transposes
+        four matrices)."""
         from machinery.hf import gpt2_weights
         sizes, state = gpt2_weights(name_or_path, LAYER_NORM_EPS)
-        model = cls(GPTConfig(**sizes, **(override_args or {})))  # override_args: dropout, attention
+        model = cls(GPTConfig(**sizes, **(override_args or {})))  # (dropout, attention)
         model.load_state_dict(state)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                             muon_dtype=torch.bfloat16):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             optimizer="adamw", muon_dtype=torch.bfloat16):
         """AdamW with weight decay on matrices (>= 2-D) only; biases and LayerNorm gains are not
-        decayed. With optimizer='muon', the hidden 2-D matrices of the blocks use Muon (orthogonalising
-        in muon_dtype) and everything else (embeddings, head, gains, biases) stays on AdamW."""
+        decayed. With optimizer='muon', the hidden 2-D matrices of the blocks use Muon
+        (orthogonalising in muon_dtype) and everything else (embeddings, head, gains, biases) stays
+        on AdamW."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         decay = [p for n, p in params.items() if p.dim() >= 2]
         no_decay = [p for n, p in params.items() if p.dim() < 2]
@@ -251,19 +257,21 @@ class GPT(nn.Module):
         assert len(decay) + len(no_decay) + len(muon) == len(params)
         groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        fused = device_type in ("cuda", "cpu")  # one kernel for the whole update
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
         if optimizer != "muon":
             return [adamw]
-        from machinery.optimizers import Muon  # training code: sampling, which imports this file, never loads it
-        return [adamw, Muon([{"params": muon, "name": "muon"}], lr=learning_rate, weight_decay=weight_decay,
-                            ns_dtype=muon_dtype)]
+        from machinery.optimizers import Muon  # training code: sampling never loads it
+        muon = Muon([{"params": muon, "name": "muon"}], lr=learning_rate, weight_decay=weight_decay,
+                    ns_dtype=muon_dtype)
+        return [adamw, muon]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
                  generator=None, compile=False):
         """idx (B, T) -> (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
-        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, compile)
+        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache,
+                                   generator, compile)
         return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
@@ -301,13 +309,15 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), num_samples=1, generator=generator)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def sampling_probs(logits, temperature, top_k=None, top_p=None):
-    """logits (B, V) -> the probabilities (B, V) sample_next draws from: temperature, top-k, softmax, top-p."""
+    """logits (B, V) -> the probabilities (B, V) that sample_next draws from: temperature, top-k,
+    softmax, top-p."""
     if temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()  # greedy: all on the arg-max
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()  # greedy: all on the top
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
@@ -319,7 +329,8 @@ def sampling_probs(logits, temperature, top_k=None, top_p=None):
 
 
 def top_p_filter(probs, top_p):
-    """Keep the smallest set of most likely tokens whose total probability is >= top_p; renormalise."""
+    """Keep the smallest set of most likely tokens whose total probability is >= top_p;
+    renormalise."""
     sorted_probs, order = torch.sort(probs, descending=True, dim=-1)  # (B, V)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability mass ranked above each
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token always stays

@@ -8,8 +8,10 @@ a file from a stranger cannot run code on your machine. generate.py: model_from_
 model a checkpoint describes.
 """
 
+import glob
 import json
 import os
+import sys
 
 import torch
 
@@ -58,6 +60,23 @@ def save_reporting_os_errors(payload, f):
         if keeper.error is None:
             raise
         raise keeper.error from e
+
+
+def find_checkpoint(path):
+    """path itself if it is a file; a run folder means its best_model.pt; a bare file name is looked up in
+    the newest run folder here."""
+    if os.path.isdir(path):
+        return in_run_folder(path)
+    if os.path.exists(path) or os.path.dirname(path):
+        return path
+    found = [p for p in glob.glob(os.path.join("*", path)) + glob.glob(os.path.join("*", "*", path))
+             if not p.startswith("data" + os.sep)]
+    if not found:
+        raise UsageError(f"no {path} found here or in the run folders below; train first "
+                         "(python train.py config/shakespeare_char_cpu.py) or give --ckpt <out_dir>/best_model.pt")
+    newest = max(found, key=os.path.getmtime)
+    print(f"using {newest}", file=sys.stderr)
+    return newest
 
 
 def in_run_folder(path):

@@ -141,18 +141,22 @@ def train_defaults():
 
 def documented_defaults():
     """[(heading, key, default, meaning)] of train.py's defaults block, in its order: the `# heading` lines
-    and the comment after each value are the help text, so that --help and the block never disagree."""
+    and the comment after each value are the help text, so that --help and the block never disagree. An
+    indented comment line continues the meaning above it (the block keeps to 100 characters a line)."""
     source = defaults_block()
     values = train_defaults()
     keys = {node.lineno: node.targets[0].id for node in ast.parse(source).body if isinstance(node, ast.Assign)}
-    comments = {token.start[0]: token.string.lstrip("#").strip()
+    comments = {token.start[0]: (token.string.lstrip("#").strip(), token.start[1] > 0)
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
     rows, heading = [], ""
     for line in sorted(set(keys) | set(comments)):
+        text, indented = comments.get(line, ("", False))
         if line in keys:
-            rows.append((heading, keys[line], values[keys[line]], comments.get(line, "")))
-        elif not comments[line].startswith("--"):  # (not the block's own marker)
-            heading = comments[line]
+            rows.append((heading, keys[line], values[keys[line]], text))
+        elif indented and rows:  # a continuation of the meaning above
+            rows[-1] = (*rows[-1][:3], f"{rows[-1][3]} {text}")
+        elif not text.startswith("--"):  # (not the block's own marker)
+            heading = text
     return rows
 
 

@@ -92,3 +92,15 @@ def describe(settings):
     shown = {name: getattr(settings, name) for name in SETTINGS}
     return ", ".join(f"{name} {'off' if value is None else repr(value) if name == 'stop' else value}"
                      for name, value in shown.items())
+
+
+def read_prompt(start):
+    """--start text, or FILE:path for a prompt kept in a file."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the prompt file '{path}' ({e}); give a UTF-8 text file")

@@ -26,6 +26,7 @@ from conftest import ROOT, run_script
 from machinery.cli import UsageError
 from data import GPT2Tokenizer
 from generate import find_checkpoint, load_model
+import lens
 from lens import Lens, make_server, sampling_settings
 from model import GPT, GPTConfig, sample_next, sampling_probs
 
@@ -44,16 +45,16 @@ def test_trace_leaves_the_logits_unchanged_and_holds_every_layer(attention):
     model = tiny_model(attention)
     idx = torch.randint(0, 40, (1, 12))
     plain, _ = model(idx)
-    trace = {}
-    traced, _ = model(idx, trace=trace)
+    traced, trace = lens.trace(model, idx)
     assert (plain - traced).abs().max().item() < 1e-6
+    assert [block.attn.attention for block in model.transformer.h] == [attention] * 2  # its path is restored
+    assert not any(block._forward_hooks for block in model.transformer.h)  # and its hooks removed
     assert len(trace["residual"]) == 3 and trace["residual"][0].shape == (1, 12, 32)
     assert len(trace["attention"]) == 2 and trace["attention"][0].shape == (1, 2, 12, 12)
 
 
 def test_traced_attention_rows_sum_to_one_and_never_look_ahead():
-    trace = {}
-    tiny_model()(torch.randint(0, 40, (1, 12)), trace=trace)
+    _, trace = lens.trace(tiny_model(), torch.randint(0, 40, (1, 12)))
     for att in trace["attention"]:
         assert torch.allclose(att.sum(-1), torch.ones(1, 2, 12), atol=1e-6)
         assert torch.equal(att.triu(1), torch.zeros_like(att))
@@ -61,8 +62,7 @@ def test_traced_attention_rows_sum_to_one_and_never_look_ahead():
 
 def test_the_last_residual_through_the_head_is_the_models_prediction():
     model = tiny_model()
-    trace = {}
-    logits, _ = model(torch.randint(0, 40, (1, 12)), trace=trace)
+    logits, trace = lens.trace(model, torch.randint(0, 40, (1, 12)))
     lens = model.lm_head(model.transformer.ln_f(trace["residual"][-1]))  # (1, T, V)
     assert (lens[:, -1:] - logits).abs().max().item() < 1e-6  # the same maths on T rows instead of one
 
