@@ -23,21 +23,22 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from machinery import configurator
-from machinery import devices
-from machinery.checkpoint import model_from_checkpoint
+from data import load_split, windows_at
+from generate import model_from_checkpoint
+from machinery import configurator, devices
 from machinery.cli import ArgumentParser, UsageError, run_cli
-from data import load_split
-from model import GPT, GPTConfig
 from machinery.devices import fast_path, pick_device, sync
 from machinery.evaluation import mean_loss, whole_split_starts
-from machinery.health import step_unless_bad, update_ratios
-from machinery.speed import peak_flops
-from train import DEFAULTS
+from machinery.health import Guard, update_ratios
+from machinery.speed import estimate_mfu, flops_per_token, peak_flops
+from model import GPT, GPTConfig
+
+DEFAULTS = configurator.train_defaults()  # train.py's defaults block, read as data
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # (name, n_layer, n_head, n_embd, block_size, batch_size): the CPU recipe and the GPU recipe's model
@@ -77,6 +78,8 @@ class Trainer:
         dtype = getattr(torch, path["dtype"])
         self.autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        where = SimpleNamespace(device=device, device_type=device_type, fsdp=False)  # what Guard asks of a run
+        self.guard = Guard([self.optimizer], self.scaler, 3, where, self.model, None, None)
         tokens = torch.randint(0, vocab, (batch_size * 64, block_size + 1), device=device)
         self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # 64 batches, reused
 
@@ -90,10 +93,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if self.monitor:
-            bad = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
-            step_unless_bad([self.optimizer], self.scaler, bad, on_device=self.path["fused_adamw"])
-        else:
+        if not self.monitor or self.guard.allows_step(loss, norm):  # train.py's step, guarded or not
             self.scaler.step(self.optimizer)
             self.scaler.update()
         if monitor_step:
@@ -136,7 +136,7 @@ def bench_training(shape, device, repeats, vocab=VOCAB):
     trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device, vocab=vocab),
                 "reference": Trainer(shape, ref, device, vocab=vocab)}
     tokens_per_step = shape[5] * shape[4]
-    steps = max(3, int(3e6 / (trainers["fast"].model.flops_per_token() * tokens_per_step / 1e6)))  # ~3 GFLOP-s
+    steps = max(3, int(3e6 / (flops_per_token(trainers["fast"].model) * tokens_per_step / 1e6)))  # ~3 GFLOP-s
     steps = 20 if device_type == "cuda" else min(steps, 40)  # a GPU step is milliseconds: time a stretch
     for trainer in trainers.values():  # warm up: compile, allocator, caches
         trainer.timed(3)
@@ -148,7 +148,7 @@ def bench_training(shape, device, repeats, vocab=VOCAB):
     for path, seconds in (("fast", t_fast), ("reference", t_ref)):
         peak = peak_flops(device, getattr(torch, trainers[path].path["dtype"]))  # train.py's MFU, the same peak
         row[f"{path}_ms_per_iter"] = seconds * 1000
-        row[f"{path}_mfu"] = trainers[path].model.estimate_mfu(tokens_per_step / seconds, peak)
+        row[f"{path}_mfu"] = estimate_mfu(trainers[path].model, tokens_per_step / seconds, peak)
     return [row]
 
 
@@ -300,7 +300,7 @@ def reference_prepare(path, tokenizer, out):
         stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
         ids = [stoi[ch] for ch in text]
     else:
-        from data import gpt2_encoding
+        from machinery.gpt2_bpe import gpt2_encoding
         ids = gpt2_encoding().encode_ordinary(text)
     np.array(ids, dtype=np.uint16).tofile(out)
 
@@ -343,8 +343,8 @@ def timed(argv, cwd, env=None):
 
 def whole_split_loss(ckpt_path, val_data, block_size=64):
     """A checkpoint's mean loss over every non-overlapping block_size window of val_data: the split's exact
-    loss, not an estimate, scored as train.py scores it (evaluation.py). Reads GlassGPT's checkpoints
-    (checkpoint.py: model_from_checkpoint) and nanoGPT's (the same module names, model_args beside the
+    loss, not an estimate, scored as train.py scores it (machinery/evaluation.py). Reads GlassGPT's
+    checkpoints (generate.py: model_from_checkpoint) and nanoGPT's (the same module names, model_args beside the
     weights); both load as tensors and plain containers only."""
     payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if "meta" in payload:
@@ -355,7 +355,9 @@ def whole_split_loss(ckpt_path, val_data, block_size=64):
                                                        "vocab_size")}))
         model.load_state_dict(payload["model"])
     with torch.inference_mode():
-        return mean_loss(model.eval(), val_data, whole_split_starts(len(val_data), block_size, 64), block_size, "cpu")
+        starts = whole_split_starts(len(val_data), block_size, 64)
+        batches = (windows_at(val_data, ix, block_size, "cpu") for ix in starts)
+        return mean_loss(model.eval(), batches, "cpu")
 
 
 def bench_recipe(nanogpt, rounds, keep_runs=None):

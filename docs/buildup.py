@@ -27,7 +27,7 @@ import torch.nn as nn
 
 import ablations
 from ablations import UsageError, run_cli
-from data import TRAIN_FRACTION
+from machinery.preparation import TRAIN_FRACTION
 
 # stage -> what it adds; each stage has every piece of the stages above it
 STAGES = {
@@ -52,7 +52,7 @@ def has(stage, piece):
     return order.index(stage) >= order.index(piece)
 
 
-def mean_of_past_forward(self, x, cache=None, pos=None, trace=None):
+def mean_of_past_forward(self, x, cache=None, pos=None):
     """Attention with no learned scores: position t takes the plain mean of the values at 0..t."""
     B, T, C = x.size()
     v = self.c_attn(x).view(B, 1, T, C)  # (B, 1, T, C): one 'head' as wide as the stream

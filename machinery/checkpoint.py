@@ -15,7 +15,6 @@ import sys
 
 import torch
 
-from machinery import distributed
 from machinery.cli import UsageError, first_line
 from machinery.faults import atomic_write, writing
 
@@ -151,6 +150,7 @@ class Checkpoints:
 
     def state(self, iter_num, evals):
         """(tensors, meta) to save. Every process must call it (with FSDP it gathers the shards)."""
+        from machinery import distributed  # (training code: sampling, which reads checkpoints, never loads it)
         model_state, optimizer_states = distributed.full_states(self.model, self.optimizers, self.env.fsdp)
         tensors = {"model": model_state, "optimizers": optimizer_states, "scaler": self.scaler.state_dict(),
                    **rng_state(self.batches.state)}
@@ -179,6 +179,7 @@ class Checkpoints:
 
     def restore(self, ckpt):
         """The optimizer, scaler and random states of a checkpoint being resumed."""
+        from machinery import distributed
         distributed.load_optimizer_states(self.model, self.optimizers, ckpt["optimizers"], self.env.fsdp)
         self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, self.batches.rng)

@@ -219,7 +219,8 @@ def prepare_corpus(items, out_dir, source, workers=None):
     from tqdm import tqdm
     check_uint16(GPT2_VOCAB_SIZE, "GPT-2's BPE")
     gpt2_encoding()  # built once here: the forked workers inherit it
-    source = {**source, "chunk_bytes": preparation.CHUNK_BYTES, "val_every": VAL_EVERY}  # both decide the items and splits
+    # both decide the items and the splits
+    source = {**source, "chunk_bytes": preparation.CHUNK_BYTES, "val_every": VAL_EVERY}
     os.makedirs(out_dir, exist_ok=True)
     remove_leftovers(out_dir, DATA_LEFTOVER)
     state = resume_state(out_dir, source)

@@ -39,6 +39,13 @@ def mean_loss(model, batches, dev, autocast=nullcontext(), ddp=False):
     return (total / count).item()
 
 
+def evals_ahead(start, max_iters, eval_interval, eval_first):
+    """How many evaluations the loop will make from iteration start on (without early stopping)."""
+    multiples = max_iters // eval_interval - (start - 1) // eval_interval  # of eval_interval in [start, max_iters]
+    final = max_iters % eval_interval != 0  # the last iteration is always evaluated
+    return multiples + final - ((start % eval_interval == 0 or start == max_iters) and not eval_first)
+
+
 class Evaluations:
     """The loop's evaluations: when one is due, the train and val loss (logged and recorded), the best val
     loss so far, whether the last one improved it, and early stopping after `patience` evaluations without."""
@@ -62,10 +69,7 @@ class Evaluations:
 
     def ahead(self, start):
         """How many evaluations the loop will make from iteration start on (without early stopping)."""
-        max_iters, interval = self.c["max_iters"], self.c["eval_interval"]
-        multiples = max_iters // interval - (start - 1) // interval  # of eval_interval in [start, max_iters]
-        final = max_iters % interval != 0  # the last iteration is always evaluated
-        return multiples + final - ((start % interval == 0 or start == max_iters) and not self.eval_first)
+        return evals_ahead(start, self.c["max_iters"], self.c["eval_interval"], self.eval_first)
 
     def run(self, iter_num):
         """Evaluate (collective under torchrun), log and record it; False when a stop request abandoned it."""

@@ -7,7 +7,7 @@ import torch
 import bench
 from machinery import devices
 from machinery.devices import fast_path
-from machinery.speed import peak_flops
+from machinery.speed import flops_per_token, peak_flops
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def test_training_row_is_a_side_by_side_ratio():
     assert row["reference_settings"] == {"dtype": "float32", "compile": False, "fused_adamw": False,
                                          "sync_every_step": True}
     peak = peak_flops("cpu", torch.float32)  # the one peak train.py divides by too
-    flops = bench.Trainer(TINY_SHAPE, row["fast_settings"] | {"fused_adamw": True, "sync_every_step": False},
-                          "cpu").model.flops_per_token()
+    flops = flops_per_token(bench.Trainer(TINY_SHAPE, row["fast_settings"] | {"fused_adamw": True,
+                                                                              "sync_every_step": False}, "cpu").model)
     assert row["fast_mfu"] == pytest.approx(flops * row["fast"] / peak)
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from machinery import speed as estimate
+from machinery import speed
 import generate
 from machinery import interactive
 from machinery.cli import UsageError
@@ -50,7 +50,11 @@ def test_train_help_lists_every_key_with_its_default_and_the_comment_of_the_defa
     with open(os.path.join(ROOT, "train.py"), encoding="utf-8") as f:
         source = f.read()
     block = source[source.index("# -- defaults --"):source.index("# -- end of defaults --")]
-    documented = re.findall(r"^(\w+) = (.+?)  # (.+)$", block, flags=re.M)
+    # a key's comment, and the indented comment lines that continue it (the block keeps to 100 characters)
+    documented = [(key, value, " ".join([first, *re.findall(r"^ +# (.+)$", more, flags=re.M)]))
+                  for key, value, first, more in re.findall(r"^(\w+) = (.+?)  # (.+)$\n((?: +#.*\n)*)", block,
+                                                            flags=re.M)]
+    assert any(" " * 10 in line for line in block.splitlines() if line.strip().startswith("#"))  # (it has some)
     assert len(documented) == len(train_defaults())  # every key has its comment, and each is shown
     for key, value, comment in documented:
         assert re.search(rf"^  --{key} +{re.escape(repr(train_defaults()[key]))} +{re.escape(comment)}$",
@@ -111,13 +115,13 @@ def test_train_py_runs_with_space_separated_values_and_a_bare_switch(char_data, 
 
 def test_time_estimate_is_the_median_of_several_timed_steps(monkeypatch):
     clock = iter([0.0, 0.9,  1.0, 1.1,  1.2, 1.3,  1.4, 1.7,  1.8, 1.9])  # steps of 0.9, 0.1, 0.1, 0.3, 0.1 s
-    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
     calls = []
-    assert estimate.median_seconds(lambda: calls.append(1)) == pytest.approx(0.1)
-    assert len(calls) == estimate.TIMED_RUNS == 5  # one slow step does not make the estimate
+    assert speed.median_seconds(lambda: calls.append(1)) == pytest.approx(0.1)
+    assert len(calls) == speed.TIMED_RUNS == 5  # one slow step does not make the estimate
     slow = iter([0.0, 3.0])  # a step that takes longer than the budget is timed once
-    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(slow))
-    assert estimate.median_seconds(lambda: None) == 3.0
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(slow))
+    assert speed.median_seconds(lambda: None) == 3.0
 
 
 # ---- Ctrl-C and SIGTERM -------------------------------------------------------------------------------
@@ -153,9 +157,10 @@ def test_ctrl_c_in_generate_is_one_line_and_exit_130(trained_run):
 # gets SIGINT, as from a terminal's Ctrl-C (the encoding workers too), or the main process gets SIGTERM.
 INTERRUPTING = """
 import os, signal, sys
-import corpus, data
+import data
+from machinery import corpus, preparation
 from machinery.cli import run_cli
-data.CHUNK_BYTES, corpus.RECORD_SECONDS = 997, 0
+preparation.CHUNK_BYTES, corpus.RECORD_SECONDS = 997, 0
 signum = getattr(signal, {signal!r})
 def interrupt():
     os.killpg(0, signum) if signum == signal.SIGINT else os.kill(os.getpid(), signum)
@@ -163,19 +168,19 @@ if {hook!r} == 'record':  # the third progress record of a corpus is on disk
     write_json, records = corpus.write_json, []
     def write_and_interrupt(path, value):
         write_json(path, value)
-        if path.endswith(data.PROGRESS_FILE):
+        if path.endswith(preparation.PROGRESS_FILE):
             records.append(path)
             if len(records) == 3:
                 interrupt()
     corpus.write_json = write_and_interrupt
 elif {hook!r} == 'chunk':  # the second chunk of a text has been tokenized
-    in_order = data.in_order
+    in_order = preparation.in_order
     def interrupting(*args):
         for n, result in enumerate(in_order(*args)):
             if n == 1:
                 interrupt()
             yield result
-    data.in_order = interrupting
+    preparation.in_order = interrupting
 sys.argv = ['data.py'] + sys.argv[1:]
 run_cli(data.main, data.INTERRUPTED_HINT)  # as data.py's __main__ does
 """
@@ -191,7 +196,7 @@ def interrupted_data_py(hook, signame, *args):
 def test_ctrl_c_while_preparing_a_text_leaves_nothing_and_the_rerun_gives_the_same_bins(tmp_path, monkeypatch):
     text = tmp_path / "big.txt"
     text.write_text(CORPUS * 4, encoding="utf-8")
-    monkeypatch.setattr("data.CHUNK_BYTES", 997)
+    monkeypatch.setattr("machinery.preparation.CHUNK_BYTES", 997)
     prepare(str(text), str(tmp_path / "whole" / "d"), "gpt2")
     data_dir = tmp_path / "data"
     args = ["--input", text, "--tokenizer", "gpt2", "--name", "d", "--data_dir", data_dir]
@@ -210,7 +215,7 @@ def test_a_stopped_corpus_preparation_keeps_its_progress_and_continues_to_the_sa
     from test_corpus import write_folder
     folder = tmp_path / "corpus"
     write_folder(folder)
-    monkeypatch.setattr("data.CHUNK_BYTES", 997)
+    monkeypatch.setattr("machinery.preparation.CHUNK_BYTES", 997)
     prepare_folder(str(folder), str(tmp_path / "whole" / "c"))
     data_dir = tmp_path / "data"
     args = ["--folder", folder, "--name", "c", "--data_dir", data_dir]

@@ -19,7 +19,10 @@ from machinery.cli import UsageError, run_cli
 from machinery.configurator import load_config
 from conftest import CORPUS, ROOT, VERSES, run_script
 from machinery.corpus import prepare_folder
-from data import PROGRESS_FILE, gpt2_encoding, load_split
+from data import load_split
+from machinery import gpt2_bpe, preparation
+from machinery.gpt2_bpe import gpt2_encoding
+from machinery.preparation import PROGRESS_FILE
 
 # Documents that are awkward for a tokenizer: many scripts, whitespace runs, the end-of-text marker
 # as plain text (it must be encoded as text, not as the special token) and a JSON-escaped lone surrogate.
@@ -58,8 +61,8 @@ def bins(data_dir, name):
 
 def test_gpt2_ranks_equal_tiktokens_own_loader():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    vocab_bpe, encoder_json = data.gpt2_files()
-    assert data.gpt2_ranks(encoder_json) == data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
+    vocab_bpe, encoder_json = gpt2_bpe.gpt2_files()
+    assert gpt2_bpe.gpt2_ranks(encoder_json) == data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ def folder(tmp_path):
 
 def test_folder_gives_each_document_encoded_and_joined_with_end_of_text(tmp_path, folder, monkeypatch):
     root, documents = folder
-    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # big documents in many pieces, many jobs
+    monkeypatch.setattr(preparation, "CHUNK_BYTES", 997)  # big documents in many pieces, many jobs
     meta = prepare_folder(str(root), str(tmp_path / "data" / "c"), workers=2)
     got = bins(tmp_path / "data", "c")
     assert got["train"] == expected_split(documents, "train")
@@ -87,14 +90,15 @@ def test_folder_gives_each_document_encoded_and_joined_with_end_of_text(tmp_path
 # vouches for) or 'after' it.
 PREPARE = """
 import os, signal, sys
-import corpus, data
+import data
+from machinery import corpus, preparation
 from machinery.cli import run_cli
-data.CHUNK_BYTES = 997
+preparation.CHUNK_BYTES = 997
 corpus.RECORD_SECONDS = 0
 die, records = {die!r}, []
 write_json = corpus.write_json
 def write_and_maybe_die(path, value):
-    records.append(path) if path.endswith(data.PROGRESS_FILE) else None
+    records.append(path) if path.endswith(preparation.PROGRESS_FILE) else None
     if die == 'before' and len(records) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     write_json(path, value)
@@ -116,7 +120,7 @@ def prepare_process(folder, data_dir, die=None):
 @pytest.mark.parametrize("die", ["before", "after"])
 def test_preparation_killed_with_sigkill_resumes_to_the_same_bins(tmp_path, folder, die, monkeypatch):
     root, _ = folder
-    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # as in the process
+    monkeypatch.setattr(preparation, "CHUNK_BYTES", 997)  # as in the process
     prepare_folder(str(root), str(tmp_path / "whole" / "c"))
     killed = prepare_process(root, tmp_path / "resumed", die=die)
     assert killed.returncode == -signal.SIGKILL
@@ -163,7 +167,7 @@ def prepare_from_hub(monkeypatch, hub, data_dir):
 def test_a_streamed_hugging_face_dataset_takes_the_same_path(tmp_path, monkeypatch):
     documents = ODD + VERSES * 4
     hub = FakeHub(documents)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(preparation, "CHUNK_BYTES", 200)
     prepare_from_hub(monkeypatch, hub, tmp_path)
     assert hub.calls == [("someone/corpus", "tiny", "train", True)]
     assert bins(tmp_path, "hf") == {split: expected_split(documents, split) for split in ("train", "val")}
@@ -171,7 +175,7 @@ def test_a_streamed_hugging_face_dataset_takes_the_same_path(tmp_path, monkeypat
 
 def test_a_broken_stream_resumes_where_it_stopped(tmp_path, monkeypatch):
     documents = ODD + VERSES * 8
-    monkeypatch.setattr(data, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(preparation, "CHUNK_BYTES", 100)
     monkeypatch.setattr(corpus, "RECORD_SECONDS", 0)  # a record after every job
     with pytest.raises(ConnectionError):
         prepare_from_hub(monkeypatch, FakeHub(documents, fail_after=40), tmp_path)
@@ -206,7 +210,7 @@ def test_corpus_flags_that_cannot_work_are_one_clear_error(flags, message, monke
 
 def test_a_vocabulary_too_large_for_uint16_is_refused_before_writing(tmp_path, folder, monkeypatch):
     root, _ = folder
-    monkeypatch.setattr(data.GPT2Tokenizer, "vocab_size", 100_277)
+    monkeypatch.setattr(corpus, "GPT2_VOCAB_SIZE", 100_277)
     with pytest.raises(UsageError, match="uint16"):
         prepare_folder(str(root), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

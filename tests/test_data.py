@@ -9,8 +9,9 @@ import torch
 
 import data
 from machinery.cli import UsageError
-from data import (CharTokenizer, GPT2Tokenizer, TokenWindows, create_dataloader, get_batch, gpt2_encoding,
-                  gpt2_hf_tokenizer, load_split, prepare)
+from data import CharTokenizer, GPT2Tokenizer, TokenWindows, create_dataloader, get_batch, load_split, prepare
+from machinery import gpt2_bpe, preparation
+from machinery.gpt2_bpe import gpt2_encoding, gpt2_hf_tokenizer
 from machinery.sources import markdown_play_to_text
 
 MULTILINGUAL = ("Héllo wörld! 你好，世界。 Привет, мир. こんにちは 🙂 naïve café — \"quotes\" "
@@ -44,9 +45,9 @@ def test_corrupt_bpe_file_is_a_clear_error(monkeypatch, tmp_path):
 
     class FakeSpec:
         submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: FakeSpec())
+    monkeypatch.setattr(gpt2_bpe.importlib.util, "find_spec", lambda name: FakeSpec())
     with pytest.raises(UsageError, match="SHA-256 mismatch"):
-        data.gpt2_files()
+        gpt2_bpe.gpt2_files()
 
 
 ASCII = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\tSpeak, speak!\n"
@@ -57,7 +58,7 @@ def test_prepared_bins_equal_tokenizing_the_whole_text(tmp_path, monkeypatch, ki
     text = sample * 400
     path = tmp_path / "in.txt"
     path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # many chunks, cut at awkward places
+    monkeypatch.setattr(preparation, "CHUNK_BYTES", 997)  # many chunks, cut at awkward places
     meta = prepare(str(path), str(tmp_path / "ds"), kind)
     tokenizer = CharTokenizer(sorted(set(text))) if kind == "char" else GPT2Tokenizer()
     ids = tokenizer.encode(text)

@@ -550,7 +550,7 @@ def test_recipe_table_matches_the_config_files(lang):
 @pytest.mark.parametrize("lang", LANGS)
 def test_dataset_split_figures_follow_the_train_fraction(lang):
     """The measured token counts of tiny Shakespeare are consistent with data.py's 90/10 split."""
-    from data import TRAIN_FRACTION
+    from machinery.preparation import TRAIN_FRACTION
     rows = re.findall(r"^\| `(char|gpt2)` \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$", chapter(lang, "02-data.md"), flags=re.M)
     assert [kind for kind, *_ in rows] == ["char", "gpt2"]
     for kind, total, train, val in rows:
@@ -602,7 +602,8 @@ def test_each_chapter_has_further_reading_with_links_just_before_its_exercises(l
 NUMBER = r"-?(?:\d[\d,]*)?\.?\d+(?:e[+-]\d+)?"
 
 
-TRAIN_SPEAKERS = ("train.py", "health.py", "metrics.py", "mfu.py", "estimate.py", "run_folder.py", "checkpoint.py")
+TRAIN_SPEAKERS = ("train.py", "machinery/health.py", "machinery/metrics.py", "machinery/speed.py",
+                  "machinery/evaluation.py", "machinery/run_folder.py", "machinery/checkpoint.py")
 
 
 def train_output_patterns():

@@ -13,7 +13,9 @@ import torch
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 from machinery.cli import UsageError
 from conftest import CORPUS, TINY, VERSES, run_script
-from data import PROGRESS_FILE, gpt2_encoding, load_split
+from data import load_split
+from machinery.gpt2_bpe import gpt2_encoding
+from machinery.preparation import PROGRESS_FILE
 from test_cli import temp_files
 
 

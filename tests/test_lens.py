@@ -63,8 +63,8 @@ def test_traced_attention_rows_sum_to_one_and_never_look_ahead():
 def test_the_last_residual_through_the_head_is_the_models_prediction():
     model = tiny_model()
     logits, trace = lens.trace(model, torch.randint(0, 40, (1, 12)))
-    lens = model.lm_head(model.transformer.ln_f(trace["residual"][-1]))  # (1, T, V)
-    assert (lens[:, -1:] - logits).abs().max().item() < 1e-6  # the same maths on T rows instead of one
+    seen = model.lm_head(model.transformer.ln_f(trace["residual"][-1]))  # (1, T, V)
+    assert (seen[:, -1:] - logits).abs().max().item() < 1e-6  # the same maths on T rows instead of one
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.5, top_k=3),

@@ -20,10 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import plot
 from machinery import run_folder
-from machinery import speed as estimate
+from machinery import speed
+from machinery.evaluation import evals_ahead
 from machinery import faults
 from machinery import metrics
-from machinery import speed as mfu
 from machinery.checkpoint import load_checkpoint
 from conftest import CORPUS, ROOT, TINY, run_script
 from machinery.cli import UsageError
@@ -223,11 +223,11 @@ def test_train_init_from_a_variant_is_one_clear_line(char_data, tmp_path):
 
 
 def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(mfu, "PEAK_FLOPS_CACHE", str(tmp_path / "glassgpt" / "peak_flops.json"))
+    monkeypatch.setattr(speed, "PEAK_FLOPS_CACHE", str(tmp_path / "glassgpt" / "peak_flops.json"))
     measured = []
-    monkeypatch.setattr(mfu, "measure_matmul_flops", lambda dev, dtype: measured.append(dtype) or 1.5e11)
-    assert mfu.peak_flops("cpu", torch.float32) == 1.5e11
-    assert mfu.peak_flops("cpu", torch.float32) == 1.5e11
+    monkeypatch.setattr(speed, "measure_matmul_flops", lambda dev, dtype: measured.append(dtype) or 1.5e11)
+    assert speed.peak_flops("cpu", torch.float32) == 1.5e11
+    assert speed.peak_flops("cpu", torch.float32) == 1.5e11
     assert measured == [torch.float32]
     [(key, value)] = json.loads((tmp_path / "glassgpt" / "peak_flops.json").read_text()).items()
     assert "torch.float32" in key and f"{torch.get_num_threads()} threads" in key and value == 1.5e11
@@ -237,14 +237,14 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
 def test_train_divides_by_the_cached_peak(char_data, tmp_path):
     cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
     cache.parent.mkdir(parents=True)
-    key = mfu.peak_cache_key("cpu", torch.float32)
+    key = speed.peak_cache_key("cpu", torch.float32)
     cache.write_text(json.dumps({key: 1e12}))
     out = tmp_path / "out"
     env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args(char_data, out, "--max_iters=10")],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     _, meta = load_checkpoint(out / "ckpt.pt")
-    flops = GPT(GPTConfig(**meta["model_args"])).flops_per_token()
+    flops = speed.flops_per_token(GPT(GPTConfig(**meta["model_args"])))
     logs = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     for entry in (e for e in logs if e["type"] == "train"):
         assert entry["mfu"] == pytest.approx(flops * entry["tokens_per_s"] / 1e12)
@@ -254,7 +254,7 @@ def test_train_divides_by_the_cached_peak(char_data, tmp_path):
 def test_an_mfu_above_100_percent_names_the_stale_cached_peak_once(char_data, tmp_path):
     cache = tmp_path / "cache" / "glassgpt" / "peak_flops.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({mfu.peak_cache_key("cpu", torch.float32): 1e3}))  # far below any real step
+    cache.write_text(json.dumps({speed.peak_cache_key("cpu", torch.float32): 1e3}))  # far below any real step
     env = dict(os.environ, GLASSGPT_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
                              *train_args(char_data, tmp_path / "out", "--max_iters=10")],
@@ -381,21 +381,21 @@ def test_second_interrupt_exits_at_once(char_data, tmp_path):
 
 
 def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
-    assert estimate.evals_ahead(0, 5000, 250, eval_first=True) == 21  # the GPU recipe
-    assert estimate.evals_ahead(0, 1000, 1000, eval_first=False) == 1  # the CPU recipe: one, at the end
-    assert estimate.evals_ahead(5, 12, 5, eval_first=False) == 2  # 10 and the last, 12
+    assert evals_ahead(0, 5000, 250, eval_first=True) == 21  # the GPU recipe
+    assert evals_ahead(0, 1000, 1000, eval_first=False) == 1  # the CPU recipe: one, at the end
+    assert evals_ahead(5, 12, 5, eval_first=False) == 2  # 10 and the last, 12
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, dropout=0.5))
     X = torch.zeros(2, 4, dtype=torch.long)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    short = estimate.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2, any_device=True)
+    short = speed.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2, any_device=True)
     assert short.startswith("on this CPU a step takes about ") and "10 steps and 1 evaluation of up to 2" in short
     assert "sized for a GPU" not in short
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
-    long = estimate.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2, any_device=True)
+    long = speed.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2, any_device=True)
     assert "config/shakespeare_char_cpu.py" in long
-    asked_for_cpu = estimate.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2,
+    asked_for_cpu = speed.how_long(model, X, X, nullcontext(), 1, steps=10 ** 9, evals=1, eval_batches=2,
                                    any_device=False)  # a recipe made for a CPU, like the CPU recipe itself
     assert "sized for a GPU" not in asked_for_cpu
 
