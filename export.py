@@ -4,7 +4,7 @@ Export a GlassGPT checkpoint as a Hugging Face GPT-2 model directory.
     python export.py --ckpt out-shakespeare/best_model.pt --out hf_model/
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_model')"
 
-Our module names are GPT-2's, so the weights copy key by key (hf.py: ours_to_hf transposes the
+Our module names are GPT-2's, so the weights copy key by key (machinery/hf.py: ours_to_hf transposes the
 four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model gets
 a tokenizer of its own characters (char_tokenizer), so AutoTokenizer and pipeline("text-generation")
 load either kind. The directory is written in a temporary folder and renamed into place, so a failed

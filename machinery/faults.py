@@ -86,7 +86,7 @@ def fsync_dir(folder):
 def remove_leftovers(out_dir, leftover):
     """Delete the temp files of atomic writes whose writing process is gone (killed mid-write): the files
     whose names `leftover` matches, its group 1 the writer's process id (run_folder.LEFTOVER for a run
-    folder, data.DATA_LEFTOVER for a dataset, export.py's half-written export folder)."""
+    folder, preparation.DATA_LEFTOVER for a dataset, export.py's half-written export folder)."""
     import psutil
     removed = []
     for name in sorted(os.listdir(out_dir)):

@@ -42,7 +42,7 @@ class Guard:
         """Whether the loop takes the optimizer step: not when the loss or the gradient norm is not finite.
 
         The decision is made on the device. Fused AdamW takes it as a `found_inf` tensor and skips its own
-        update when it is 1, as it does for GradScaler, and optim.py's Muon does the same: then the answer is
+        update when it is 1, as it does for GradScaler, and optimizers.py's Muon does the same: then the answer is
         True and the host never waits for the device. Otherwise (FSDP, or Muon on a CPU) the host reads it:
         one sync per step. With float16 the GradScaler itself skips steps whose gradients overflowed."""
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))  # () bool

@@ -1,12 +1,15 @@
 """
-The run folder (out_dir) of train.py: one run at a time in it, and nothing of an earlier run lost.
+The run folder (out_dir) of train.py: one run at a time in it, nothing of an earlier run lost, and a
+run that ends, or is stopped, saying what it saved and what to do next.
 
-- lock_run_folder: a second train.py that starts in a folder in use stops with one line naming the
-  first; the lock of a run that was killed is taken over.
-- remove_leftovers: the half-written `<file>.tmp<pid>` that a killed run's atomic write left behind
-  is deleted; nothing else is touched.
-- set_aside_earlier_run: a new run first moves the files of the earlier run in the folder to
-  out_dir/earlier-runs/<time of its last write>/ (or deletes them, when asked to replace it).
+- open_run_folder: lock_run_folder (a second train.py that starts in a folder in use stops with one
+  line naming the first; the lock of a run that was killed is taken over), then faults.remove_leftovers
+  (the half-written `<file>.tmp<pid>` that a killed run's atomic write left behind; nothing else).
+- start_record: a new run first moves the files of the earlier run in the folder to
+  out_dir/earlier-runs/<time of its last write>/ (set_aside_earlier_run; or deletes them, when asked to
+  replace it); a resumed run cuts its metrics.jsonl back to the checkpoint.
+- StopRequest: Ctrl-C / SIGTERM stop the loop at a safe point; end_run: the final checkpoint and the
+  closing lines.
 """
 
 import atexit
@@ -19,8 +22,8 @@ import time
 
 from filelock import lock_descriptor
 
-from machinery.cli import UsageError
 from machinery import distributed
+from machinery.cli import UsageError
 from machinery.faults import remove_leftovers, writing
 from machinery.metrics import trim_metrics
 
@@ -28,8 +31,8 @@ LOCK_FILE = "train.lock"
 EARLIER_RUNS = "earlier-runs"
 # what a run writes into out_dir (train.py, and plot.py's default picture of it)
 RUN_FILE = re.compile(r"ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png|tensorboard")
-# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py: trim_metrics,
-# plot.py)
+# what its atomic writes leave behind when killed midway (checkpoint.py: save_checkpoint, metrics.py:
+# trim_metrics, plot.py)
 LEFTOVER = re.compile(r"(?:ckpt\.pt|ckpt_\d+\.pt|best_model\.pt|metrics\.jsonl|metrics\.png)\.tmp(\d+)")
 
 

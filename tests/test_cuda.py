@@ -77,7 +77,7 @@ def test_training_reads_the_device_only_at_logs(char_data, tmp_path):
 
 
 def test_a_muon_run_reads_the_device_only_at_logs(char_data, tmp_path):
-    """Muon skips a flagged step on the device too (optim.py: Muon.step with found_inf): per step, ≤ 0.1 reads."""
+    """Muon skips a flagged step on the device too (machinery/optimizers.py: Muon.step with found_inf): per step, ≤ 0.1 reads."""
     extra = count_syncs(char_data, tmp_path / "b", 200, "--optimizer=muon") - \
         count_syncs(char_data, tmp_path / "a", 100, "--optimizer=muon")
     assert extra / 100 <= 0.1

@@ -311,3 +311,43 @@ def test_top_p_samples_only_the_smallest_set_reaching_p():
     frequencies = sampled_frequencies(LOGITS, temperature=1.0, top_p=0.75)
     assert torch.equal(frequencies[2:], torch.zeros(4, dtype=torch.float64))
     assert (frequencies[:2] - probs[:2] / probs[:2].sum()).abs().max() < 0.012
+
+
+# ---- train and eval mode: what every recipe with dropout 0 hides ----------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_dropout_is_off_in_eval_mode_on_both_attention_paths(attention):
+    dropped = tiny_model(attention=attention, dropout=0.5).eval()
+    plain = tiny_model(attention=attention, dropout=0.0).eval()  # the same weights (same seed)
+    idx = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(dropped(idx, idx)[0], plain(idx, idx)[0])
+        cached = dropped.generate(idx[:, :8], 12, temperature=0)  # the fused cached path too
+        assert torch.equal(cached, plain.generate(idx[:, :8], 12, temperature=0))
+    dropped.train()
+    assert not torch.equal(dropped(idx, idx)[0], plain(idx, idx)[0])  # and on in training: the test can fail
+
+
+def test_generation_records_no_autograd_history():
+    model = tiny_model().eval()
+    grad_enabled = []
+    model.register_forward_hook(lambda module, inputs, output: grad_enabled.append(torch.is_grad_enabled()))
+    for _ in model.generate_stream(torch.zeros(1, 1, dtype=torch.long), 5):
+        pass
+    assert grad_enabled and not any(grad_enabled)
+
+
+def test_a_checkpoint_loads_for_sampling_in_eval_mode(tmp_path):
+    from generate import load_model
+    from machinery.checkpoint import save_checkpoint
+    model = tiny_model(dropout=0.5)
+    args = dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.5, bias=True,
+                attention="sdpa")
+    chars = [chr(32 + i) for i in range(65)]
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict()},
+                    {"model_args": args, "tokenizer": {"kind": "char", "chars": chars}})
+    loaded, _ = load_model(str(tmp_path / "ckpt.pt"), "cpu")
+    idx = torch.randint(0, 65, (1, 16))
+    assert not loaded.training
+    assert torch.equal(loaded(idx, idx)[0], loaded(idx, idx)[0])  # no dropout: the same logits each time

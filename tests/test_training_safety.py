@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import contextlib
 import math
 import os
 import re
@@ -228,3 +229,26 @@ def test_inspect_prints_a_gradient_table_and_writes_nothing(char_data, tmp_path)
     assert len(rows) == 2 + 2 * 12 + 2  # wte, wpe; 12 tensors per block; ln_f weight and bias
     assert "grad std" in result.stdout
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_the_loss_is_estimated_in_eval_mode_and_training_resumes_in_train_mode():
+    """With dropout, an estimate made in training mode would change from one call to the next, and a model
+    left in eval mode after an evaluation would train without dropout."""
+    from types import SimpleNamespace
+    import numpy as np
+    from data import windows_at
+    from machinery.evaluation import Evaluations
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+    data = np.random.default_rng(0).integers(0, 20, 2000).astype(np.uint16)
+    config = dict(block_size=16, batch_size=4, eval_iters=3, seed=1, init_from="scratch", eval_at_start=True,
+                  eval_only=False, eval_interval=10, max_iters=10, patience=0)
+    env = SimpleNamespace(device="cpu", rank=0, world_size=1, fsdp=False, ddp=False, master=True,
+                          autocast=contextlib.nullcontext())
+    evals = Evaluations(model, model, data, data[:500], windows_at, config, env, SimpleNamespace(check_eval=lambda: None),
+                        None, 0, float("inf"), False)
+    model.train()
+    first, second = evals.estimate_loss(), evals.estimate_loss()
+    assert first == second  # dropout off while estimating
+    assert model.training  # and back on for the steps that follow
