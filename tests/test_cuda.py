@@ -45,15 +45,21 @@ def test_cached_greedy_tokens_equal_uncached_on_cuda():
 
 
 def test_fused_adamw_skips_a_flagged_step_on_the_device():
-    from machinery.health import step_unless_bad
+    from types import SimpleNamespace
+    from machinery.health import Guard
     p = torch.nn.Parameter(torch.ones(1000, device="cuda"))
     opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
+    env = SimpleNamespace(device="cuda", device_type="cuda", fsdp=False)
+    guard = Guard([opt], scaler, 3, env, None, None, None)
+    assert guard.on_device
     p.grad = torch.full_like(p, float("nan"))
-    step_unless_bad([opt], scaler, torch.tensor(True, device="cuda"), on_device=True)
+    assert guard.allows_step(torch.tensor(1.0, device="cuda"), p.grad.norm())  # the device decides, not the host
+    scaler.step(opt)  # as train.py's loop takes it
     assert bool((p == 1).all()) and opt.state[p]["step"].item() == 0
     p.grad = torch.ones_like(p)
-    step_unless_bad([opt], scaler, torch.tensor(False, device="cuda"), on_device=True)
+    assert guard.allows_step(torch.tensor(1.0, device="cuda"), p.grad.norm())
+    scaler.step(opt)
     assert bool((p < 1).all()) and opt.state[p]["step"].item() == 1
 
 
