@@ -26,7 +26,7 @@ from conftest import ROOT, run_script
 from machinery.cli import UsageError
 from data import GPT2Tokenizer
 from generate import find_checkpoint, load_model
-import lens
+import lens as lens_module
 from lens import Lens, make_server, sampling_settings
 from model import GPT, GPTConfig, sample_next, sampling_probs
 
@@ -45,7 +45,7 @@ def test_trace_leaves_the_logits_unchanged_and_holds_every_layer(attention):
     model = tiny_model(attention)
     idx = torch.randint(0, 40, (1, 12))
     plain, _ = model(idx)
-    traced, trace = lens.trace(model, idx)
+    traced, trace = lens_module.trace(model, idx)
     assert (plain - traced).abs().max().item() < 1e-6
     assert [block.attn.attention for block in model.transformer.h] == [attention] * 2  # its path is restored
     assert not any(block._forward_hooks for block in model.transformer.h)  # and its hooks removed
@@ -54,7 +54,7 @@ def test_trace_leaves_the_logits_unchanged_and_holds_every_layer(attention):
 
 
 def test_traced_attention_rows_sum_to_one_and_never_look_ahead():
-    _, trace = lens.trace(tiny_model(), torch.randint(0, 40, (1, 12)))
+    _, trace = lens_module.trace(tiny_model(), torch.randint(0, 40, (1, 12)))
     for att in trace["attention"]:
         assert torch.allclose(att.sum(-1), torch.ones(1, 2, 12), atol=1e-6)
         assert torch.equal(att.triu(1), torch.zeros_like(att))
@@ -62,7 +62,7 @@ def test_traced_attention_rows_sum_to_one_and_never_look_ahead():
 
 def test_the_last_residual_through_the_head_is_the_models_prediction():
     model = tiny_model()
-    logits, trace = lens.trace(model, torch.randint(0, 40, (1, 12)))
+    logits, trace = lens_module.trace(model, torch.randint(0, 40, (1, 12)))
     seen = model.lm_head(model.transformer.ln_f(trace["residual"][-1]))  # (1, T, V)
     assert (seen[:, -1:] - logits).abs().max().item() < 1e-6  # the same maths on T rows instead of one
 
@@ -383,10 +383,9 @@ def test_browser_attention_rows_sum_to_one_and_the_future_is_masked(page, page_l
     }""")
     assert corners == [[229, 231, 235, 255], [37, 99, 235, 255]]
     page.tab.click(f"#heads figure[data-layer='{n_layer - 1}'][data-head='{n_head - 1}']")
-    trace = {}
     with torch.no_grad():
-        lens.model(torch.tensor([lens.tokenizer.encode(PROMPT)]), trace=trace)
-    weights = trace["attention"][-1][0, -1]  # (T, T): the enlarged head's, from the model
+        _, inside = lens_module.trace(lens.model, torch.tensor([lens.tokenizer.encode(PROMPT)]))
+    weights = inside["attention"][-1][0, -1]  # (T, T): the enlarged head's, from the model
     for q in range(T):
         page.tab.fill("#query", str(q))
         row = page.rows("#head-row tr[data-key]", "key", "w")

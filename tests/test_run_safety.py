@@ -126,7 +126,7 @@ def test_second_process_in_a_busy_out_dir_stops_and_a_killed_runs_lock_is_taken_
 
 @pytest.mark.slow
 def test_lock_is_refused_while_held_and_free_once_released(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, run_folder; run_folder.lock_run_folder(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from machinery import run_folder; run_folder.lock_run_folder(sys.argv[1]); "
                                "print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
