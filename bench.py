@@ -11,6 +11,9 @@ hits both alike, each figure the median of several repeats.
     python bench.py --json                             # also one JSON object per measurement on stdout
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import copy
 import json
 import os

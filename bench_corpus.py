@@ -11,6 +11,9 @@ already in memory. data.py is timed as a whole process (start-up, reading, writi
 its memory as the peak of the summed memory of it and its workers, sampled every 0.2 s.
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import json
 import os
 import subprocess

@@ -14,10 +14,14 @@ corpus of documents is prepared (split by document, resumable), is in machinery/
 machinery/corpus.py.
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import os
 
 import numpy as np
 
+from machinery.checks import folder_name
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.gpt2_bpe import GPT2_VOCAB_SIZE, gpt2_encoding
 from machinery.preparation import (char_id_stream, check_text, gpt2_id_stream, needs_preparing,
@@ -210,7 +214,7 @@ def main():
     p.add_argument("--text_field", default="text",
                    help="the field of a .jsonl line or a row that holds the text")
     args = p.parse_args()
-    out_dir = os.path.join(args.data_dir, args.name)
+    out_dir = os.path.join(args.data_dir, folder_name(args.name))  # never outside data_dir
     if args.folder or args.hf:
         from machinery.corpus import prepare_corpus_cli
         prepare_corpus_cli(args, out_dir)

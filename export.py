@@ -12,6 +12,9 @@ or interrupted export never leaves half a model, and an existing non-empty --out
 with --force.
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import os
 import re
 import shutil
@@ -61,12 +64,26 @@ def check_same_logits(ours, hf):
     return diff
 
 
-def check_out_dir(out, force):
+def check_out_dir(out, force, ckpt_path):
+    """out may be written: not a file, new or empty (or replaced with --force, which says what it removes
+    before it removes anything), and never a folder that holds the checkpoint being exported or the
+    folder this command runs in, whatever --force says: nothing the export reads is ever deleted."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{out}' is a file; give a directory path")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise UsageError(f"--out '{out}' exists and is not empty; choose a new directory or add --force "
-                         "to replace it")
+    holds = lambda folder, path: os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) == \
+        os.path.realpath(folder)
+    for inside, what in ((ckpt_path, "the checkpoint being exported"), (os.getcwd(), "the current folder")):
+        if holds(out, inside):
+            raise UsageError(f"--out '{out}' holds {what} ({inside}), which an export into it would replace; "
+                             "choose a new directory for --out")
+    if os.path.isdir(out) and os.listdir(out):
+        if not force:
+            raise UsageError(f"--out '{out}' exists and is not empty; choose a new directory or add --force "
+                             "to replace it")
+        names = sorted(os.listdir(out))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"--force: {out} will be replaced; its {len(names)} entries ({shown}) are deleted once the "
+              "export is written")
 
 
 def write_tokenizer(folder, tokenizer, block_size):
@@ -110,8 +127,8 @@ def replace_dir(tmp, out):
 def export(ckpt_path, out, force=False):
     """Write the checkpoint's model (and tokenizer) to out as a Hugging Face directory."""
     out = os.path.normpath(out)
-    check_out_dir(out, force)
     ckpt_path = in_run_folder(ckpt_path)
+    check_out_dir(out, force, ckpt_path)
     model, _, meta = model_from_checkpoint(ckpt_path)
     model_args, tokenizer, state = meta["model_args"], meta["tokenizer"], model.state_dict()
     if model_args.get("bias") is False:

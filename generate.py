@@ -6,6 +6,9 @@ Sample text from a trained checkpoint; tokens are printed as they are made.
     python generate.py --ckpt out-shakespeare-char --interactive   # a run folder; a prompt a line
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import sys
 
 import torch
@@ -13,6 +16,7 @@ import torch
 from data import tokenizer_from
 from machinery import interactive
 from machinery.checkpoint import find_checkpoint, load_checkpoint
+from machinery.checks import SEED_RANGE, integer, real
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import device_type, pick_device, pick_dtype
 from machinery.interactive import read_prompt
@@ -52,41 +56,33 @@ def parse_args(argv=None):
                    help="a checkpoint file, or a run folder (its best_model.pt); a bare file name "
                         "is looked up in the run folders below (default: the newest best_model.pt)")
     p.add_argument("--start", default="\n",
-                   help="the prompt, or FILE:path to read it from a file (default: a newline)")
+                   help="the prompt, FILE:path to read it from a file, or TEXT:text for a text "
+                        "that itself begins with FILE: (default: a newline)")
     p.add_argument("--interactive", action="store_true",
                    help="keep the model loaded and read prompts line by line (a terminal or a "
                         "pipe); /help there")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=500,
+    # each value is checked as it is read: a whole number or a finite number in its range
+    p.add_argument("--num_samples", type=integer(1), default=1, help="samples per prompt")
+    p.add_argument("--max_new_tokens", type=integer(1), default=500,
                    help="tokens sampled after the prompt")
-    p.add_argument("--temperature", type=float, default=0.8,
+    p.add_argument("--temperature", type=real(0), default=0.8,
                    help="0 = greedy; <1 sharper, >1 more random")
-    p.add_argument("--top_k", type=int, default=200,
+    p.add_argument("--top_k", type=integer(1), default=200,
                    help="sample only among the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None,
-                   help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--top_p", type=real(0, 1, low_open=True), default=None,
+                   help="nucleus sampling: smallest set with probability >= p, in (0, 1]")
     p.add_argument("--stop", default=None, help="stop a sample when this text appears")
     p.add_argument("--no_kv_cache", action="store_true",
                    help="recompute the whole window every step")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token step (fused kernels; seconds to compile)")
-    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=1337,
+                   help="the same seed gives the same text")
     p.add_argument("--device", default="auto",
                    help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 or float16 on a GPU, float32 on most CPUs")
-    args = p.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
-    return args
+    return p.parse_args(argv)
 
 
 def main():

@@ -8,24 +8,38 @@ The page (lens/index.html, lens.js, lens.css) only draws: every number it shows 
 here from the model's own code. An analysis is one traced forward (`lens.py: trace`, forward hooks on the model);
 the sampling settings reshape the probabilities through `model.py: sampling_probs`, the function that
 `sample_next` draws from; generation is `model.py: GPT.generate_stream`, seeded as `generate.py` seeds it.
+
+The server is a local one that any web page could try to reach, so it defends itself (docs chapter 9.11):
+it answers only requests addressed to it by name (`Handler.check_host`: DNS rebinding), reads no body larger
+than BODY_LIMIT and waits no longer than SOCKET_TIMEOUT, checks every field (`request_fields`), and answers
+whatever goes wrong as JSON: 4xx naming the problem, 500 (and one line in its terminal) for a fault of its own.
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import argparse
+import ipaddress
+import itertools
 import json
 import math
 import os
+import re
 import shlex
+import socket
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import torch
 from torch.nn import functional as F
 
 from generate import load_model, parse_args as generate_flags
 from machinery.checkpoint import find_checkpoint
-from machinery.cli import ArgumentParser, UsageError, run_cli
+from machinery.checks import LARGEST_INT, PORT_RANGE, integer
+from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import pick_device
 from model import sampling_probs
 
@@ -33,16 +47,93 @@ PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens")
 PAGE_FILES = {"/": ("index.html", "text/html"), "/lens.js": ("lens.js", "text/javascript"),
               "/lens.css": ("lens.css", "text/css")}
 SETTINGS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")  # generate.py's flags, same names
+FIELDS = ("prompt", "position") + SETTINGS  # all that a request may hold
 TOP = 20  # tokens in the next-token view
 STACK_TOP = 5  # predictions per layer at the chosen position
 ATTENTION_LIMIT = 2_000_000  # the most weights (layers x heads x T x T) one answer carries to the page
+BODY_LIMIT = 64 * 1024  # bytes in one request: a prompt of many thousand characters, never a flood of memory
+SOCKET_TIMEOUT = 20  # seconds a connection may stay silent (before its request, inside its body) before it is dropped
+GENERATE_LIMIT = 10_000  # the most new tokens one generation on the page may ask for
+MIN_TEMPERATURE = 1e-6  # above 0 (greedy) but below this, logits / temperature can overflow: NaN probabilities
+NUMBER_TEXT_LIMIT = 100  # characters in a number given as a string
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the names this machine has for itself
+
+
+def request_fields(body):
+    """The page's fields from a request body (a JSON object, in UTF-8), each checked: the prompt a string of
+    text, every number a JSON number or a string of one, finite (its range is generate.py's flag parser's).
+    Anything else is a UsageError that names the field."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        fields = json.loads(text or "{}")
+    except RecursionError:
+        raise UsageError("the request is JSON nested too deeply to read")
+    except ValueError as e:  # not JSON, or a number of more digits than Python converts
+        raise UsageError(f"the request is not JSON ({first_line(e)})")
+    if not isinstance(fields, dict):
+        raise UsageError(f"the request must be a JSON object of the page's fields, got {json_kind(fields)}")
+    unknown = [key for key in fields if key not in FIELDS]
+    if unknown:
+        raise UsageError(f"the request has a field the lens does not know, {shorten(unknown[0])!r}; "
+                         f"it takes {', '.join(FIELDS)}")
+    prompt = fields.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise UsageError(f"the field 'prompt' must be a string, got {json_kind(prompt)}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, which JSON's \ud800 escapes can spell
+        raise UsageError(f"the field 'prompt' is not text: {prompt[e.start]!r} at character {e.start} is half "
+                         "of a UTF-16 pair")
+    checked = {"prompt": prompt}
+    for key in ("position",) + SETTINGS:
+        if fields.get(key) is not None:
+            checked[key] = number_text(key, fields[key])
+    return checked
+
+
+def number_text(key, value):
+    """A number field's value as the text of its flag: from a JSON number, or a string (the page sends the text
+    of its inputs). A float that JSON could spell but a double cannot hold (1e400) is infinite: refused here."""
+    if isinstance(value, str):
+        if len(value) > NUMBER_TEXT_LIMIT:
+            raise UsageError(f"the field '{key}' is {len(value)} characters long, too long for a number")
+        return value.strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"the field '{key}' must be a number (or a string of one), got {json_kind(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"the field '{key}' must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > 10 ** NUMBER_TEXT_LIMIT:
+        raise UsageError(f"the field '{key}' is a number of more than {NUMBER_TEXT_LIMIT} digits")
+    return str(value) if isinstance(value, int) else repr(value)
+
+
+def json_kind(value):
+    """What a JSON value is, in JSON's words."""
+    kinds = ((bool, "true or false"), (type(None), "null"), (str, "a string"), (int, "a number"),
+             (float, "a number"), (list, "a list"), (dict, "an object"))
+    return next(name for kind, name in kinds if isinstance(value, kind))
+
+
+def shorten(text, width=40):
+    text = str(text)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def sampling_settings(fields):
     """The page's settings, checked by generate.py's own flag parser (so the same values are refused with
-    the same words); a missing field takes generate.py's default, an empty top_k or top_p means off."""
-    given = {key: str(fields[key]).strip() for key in SETTINGS if fields.get(key) is not None}
+    the same words), then by the lens's own limits; a missing field takes generate.py's default, an empty
+    top_k or top_p means off."""
+    given = {key: number_text(key, fields[key]) for key in SETTINGS if fields.get(key) is not None}
     flags = vars(generate_flags([f"--{key}={value}" for key, value in given.items() if value]))
+    if flags["max_new_tokens"] > GENERATE_LIMIT:
+        raise UsageError(f"--max_new_tokens must be at most {GENERATE_LIMIT} on the lens's page, "
+                         f"got {flags['max_new_tokens']}; generate.py takes more")
+    if 0 < flags["temperature"] < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                         f"{flags['temperature']}: the logits divided by less overflow")
     return {key: None if given.get(key) == "" and key in ("top_k", "top_p") else flags[key] for key in SETTINGS}
 
 

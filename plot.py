@@ -6,6 +6,9 @@ when the run logged it, the gradient norm. Several runs are overlaid, one colour
     python plot.py out-a out-b out-c --out runs.png      # several runs on the same axes
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import json
 import math
 import os

@@ -12,6 +12,9 @@ health (the NaN guard, update ratios), metrics (the record and the log line), ru
 earlier runs, stop requests, the end of a run), speed (MFU, how long a CPU run takes).
 """
 
+from machinery.cli import quiet_interrupts
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
+
 import math
 import os
 import sys

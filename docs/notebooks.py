@@ -17,7 +17,9 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as `python docs/notebooks.py`: configurator lives one folder up
+sys.path.insert(0, ROOT)  # run as `python docs/notebooks.py`: machinery/ lives one folder up
+from machinery.cli import quiet_interrupts  # noqa: E402
+quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
 
 import nbformat
 

@@ -24,18 +24,77 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def run_cli(main, interrupted_hint=""):
-    """Run main() as a command-line tool: a UsageError is one line on stderr and exit status 2; Ctrl-C
-    (SIGINT) or SIGTERM is one line and exit status 130 or 143, after the `finally` blocks on the way
-    have removed what was half-written. interrupted_hint: what to do next, said on that line."""
+def quiet_interrupts(name):
+    """The first call of every script (name: its __name__; nothing happens on import): until run_cli takes
+    over, Ctrl-C or SIGTERM while the slow imports load (PyTorch takes seconds) is one line and exit status
+    130 or 143, not a traceback from inside them."""
+    if name != "__main__":
+        return
     import signal
     import sys
+
+    def stop(signum, frame):
+        sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name}\n")
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+class ReaderSafe:
+    """stdout that outlives its reader: once a pipe's reader is gone (`python train.py ... | head`), what
+    is written goes nowhere and the run goes on (it still saves its checkpoint), instead of dying of a
+    BrokenPipeError at its next line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self):
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # the rest, and the final flush
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run_cli(main, interrupted_hint=""):
+    """Run main() as a command-line tool: a UsageError is one line on stderr and exit status 2; running out
+    of memory is one line and exit status 1; Ctrl-C (SIGINT) or SIGTERM is one line and exit status 130 or
+    143, after the `finally` blocks on the way have removed what was half-written. interrupted_hint: what to
+    do next, said on that line. Output never fails on a name that is not UTF-8 (it is shown escaped), and
+    a closed stdout (ReaderSafe) stops nothing."""
+    import signal
+    import sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (quiet_interrupts' handler until now)
     signal.signal(signal.SIGTERM, raise_interrupted)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if not isinstance(sys.stdout, ReaderSafe):
+        sys.stdout = ReaderSafe(sys.stdout)
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate" not in str(e):
+            raise
+        print(f"error: out of memory ({first_line(e, 100)}); use a smaller model, batch_size or block_size",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         newline = "\n" if sys.stderr.isatty() else ""  # after the ^C (or a progress bar) on the terminal

@@ -14,7 +14,10 @@ from machinery.cli import UsageError
 
 WRITE_FAULTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some of your disk quota",
                 errno.EROFS: "choose a folder you can write to", errno.EACCES: "choose a folder you can write to",
-                errno.EPERM: "choose a folder you can write to"}
+                errno.EPERM: "choose a folder you can write to",
+                errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+                errno.EISDIR: "the path is a folder: name a file",
+                errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: "choose a path without a link loop"}
 
 
 @contextlib.contextmanager

@@ -95,7 +95,10 @@ def describe(settings):
 
 
 def read_prompt(start):
-    """--start text, or FILE:path for a prompt kept in a file."""
+    """--start text, FILE:path for a prompt kept in a file, or TEXT:text for a text taken as it is (a
+    prompt that itself begins with FILE: or TEXT:)."""
+    if start.startswith("TEXT:"):
+        return start[len("TEXT:"):]
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:"):]

@@ -281,7 +281,7 @@ def test_interactive_commands_change_the_settings_of_the_prompts_after_them(monk
                     generate.parse_args)
     assert asked == [("first", 0.5, 200, None), ("\n", 0.5, None, "."), ("second\nline", 0.5, None, ".")]
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --top_p must be in (0, 1], got 2.0",
+    assert errors == ["error: argument --top_p: must be a finite number in (0, 1], got '2' (see /help)",
                       "error: unknown command '/tempreature' (did you mean '/temperature'?); /help lists them",
                       "error: /max_new_tokens needs a value, e.g. /max_new_tokens 500"]
 
