@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from machinery.checks import folder_name
+from machinery.checks import folder_name, pathname
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.gpt2_bpe import GPT2_VOCAB_SIZE, gpt2_encoding
 from machinery.preparation import (char_id_stream, check_text, gpt2_id_stream, needs_preparing,
@@ -200,12 +200,12 @@ def create_dataloader(dataset, batch_size, shuffle):
 
 def main():
     p = ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--input", help="a UTF-8 text file (omit for the known datasets)")
+    p.add_argument("--input", type=pathname, help="a UTF-8 text file (omit for the known datasets)")
     p.add_argument("--name", required=True, help="dataset name: data/<name>/ is written")
     p.add_argument("--tokenizer", choices=["char", "gpt2"],
                    help="default: char, or the known dataset's")
-    p.add_argument("--data_dir", default="data", help="where datasets live")
-    p.add_argument("--folder",
+    p.add_argument("--data_dir", type=pathname, default="data", help="where datasets live")
+    p.add_argument("--folder", type=pathname,
                    help="a folder of .txt files (one document each) and .jsonl files (one a line)")
     p.add_argument("--hf", help="a Hugging Face dataset name, streamed (pip install datasets)")
     p.add_argument("--hf_config",

@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from generate import model_from_checkpoint
 from machinery.checkpoint import in_run_folder
+from machinery.checks import pathname
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import remove_leftovers, writing
 from machinery.gpt2_bpe import gpt2_hf_tokenizer
@@ -80,6 +81,9 @@ def check_out_dir(out, force, ckpt_path):
         if not force:
             raise UsageError(f"--out '{out}' exists and is not empty; choose a new directory or add --force "
                              "to replace it")
+        if not os.path.isfile(os.path.join(out, "config.json")):  # --force replaces an earlier export only
+            raise UsageError(f"--out '{out}' holds files but no earlier export (no config.json), so --force "
+                             "will not replace it; choose a new directory for --out")
         names = sorted(os.listdir(out))
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         print(f"--force: {out} will be replaced; its {len(names)} entries ({shown}) are deleted once the "
@@ -155,11 +159,12 @@ def export(ckpt_path, out, force=False):
 
 def main(argv=None):
     p = ArgumentParser(description="Export a GlassGPT checkpoint as a Hugging Face GPT-2 directory.")
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("--ckpt", required=True, type=pathname,
                    help="a checkpoint written by train.py (best_model.pt or ckpt.pt), or a run folder "
                         "(its best_model.pt)")
-    p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace --out even if it holds files")
+    p.add_argument("--out", required=True, type=pathname, help="the directory to write (must be new or empty)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out when it holds an earlier export (never the checkpoint's own folder)")
     args = p.parse_args(argv)
     export(args.ckpt, args.out, args.force)
 

@@ -16,7 +16,7 @@ import torch
 from data import tokenizer_from
 from machinery import interactive
 from machinery.checkpoint import find_checkpoint, load_checkpoint
-from machinery.checks import SEED_RANGE, integer, real
+from machinery.checks import SEED_RANGE, integer, pathname, real
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import device_type, pick_device, pick_dtype
 from machinery.interactive import read_prompt
@@ -52,7 +52,7 @@ def load_model(ckpt_path, device, dtype="float32"):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Sample text from a GlassGPT checkpoint.")
-    p.add_argument("--ckpt", default="best_model.pt",
+    p.add_argument("--ckpt", type=pathname, default="best_model.pt",
                    help="a checkpoint file, or a run folder (its best_model.pt); a bare file name "
                         "is looked up in the run folders below (default: the newest best_model.pt)")
     p.add_argument("--start", default="\n",

@@ -13,6 +13,7 @@ import json
 import math
 import os
 
+from machinery.checks import pathname
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import atomic_write, writing
 
@@ -27,16 +28,16 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found; train first (python train.py ... --out_dir={out_dir})")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         lines = [line for line in f if line.strip()]
     entries, skipped = [], []
     for number, line in enumerate(lines, start=1):
         try:
-            entry = json.loads(line)
-        except ValueError:
+            entry = json.loads(line.decode("utf-8"))
+        except ValueError:  # (bytes that are not UTF-8 too)
             entry = None
-        if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
-            entries.append(entry)
+        if isinstance(entry, dict) and isinstance(entry.get("iter"), int) and not isinstance(entry["iter"], bool):
+            entries.append({k: v for k, v in entry.items() if k not in PLOTTED or is_number(v)})
         elif number < len(lines):  # (the last line may still be being written by a running train.py)
             skipped.append(str(number))
     if skipped:
@@ -47,6 +48,13 @@ def read_metrics(out_dir):
     if not train and not evals:
         raise UsageError(f"{path} has no metrics yet; wait for the first log line (log_interval) of the run")
     return train, evals
+
+
+PLOTTED = ("loss", "val_loss", "lr", "grad_norm")  # a value of another type is left out, not plotted
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_names(out_dirs):
@@ -98,7 +106,7 @@ def plot_runs(runs, title=None):
             ax.legend(fontsize=7)
     if "grad_norm" in panels and axes[2].has_data():
         axes[2].set_yscale("log")
-    peaks = [max(e["lr"] for e in train) for train, _ in runs.values() if any(e.get("lr") for e in train)]
+    peaks = [max(e["lr"] for e in train if "lr" in e) for train, _ in runs.values() if any(e.get("lr") for e in train)]
     if len(peaks) > 1 and min(peaks) > 0 and max(peaks) / min(peaks) > 5:
         axes[1].set_yscale("log")  # a sweep over decades: each run's schedule stays visible
     else:
@@ -111,8 +119,9 @@ def plot_runs(runs, title=None):
 
 def main():
     parser = ArgumentParser(description="Plot loss, learning rate and gradient norm from metrics.jsonl.")
-    parser.add_argument("out_dirs", nargs="+", metavar="out_dir", help="run folders holding metrics.jsonl")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("out_dirs", type=pathname, nargs="+", metavar="out_dir",
+                        help="run folders holding metrics.jsonl")
+    parser.add_argument("--out", type=pathname, default=None,
                         help="PNG to write (default: <out_dir>/metrics.png for one run, runs.png for several)")
     parser.add_argument("--title", default=None, help="a title above the panels")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from machinery.checks import fields
 from machinery.cli import UsageError, first_line
 from machinery.faults import atomic_write, writing
 
@@ -104,11 +105,27 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(payload, dict) or "format_version" not in payload or "meta" not in payload:
         raise UsageError(f"'{path}' is not a GlassGPT checkpoint (no format_version/meta); "
                          "for Hugging Face GPT-2 weights use --init_from=<directory>")
-    if payload["format_version"] > FORMAT_VERSION:
-        raise UsageError(f"'{path}' has checkpoint format {payload['format_version']}, newer than this "
+    version = payload["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UsageError(f"'{path}' has checkpoint format {version!r}, newer than this "
                          f"code's {FORMAT_VERSION}; update GlassGPT (git pull)")
-    meta = json.loads(payload.pop("meta"))
+    fix = "use a checkpoint written by train.py"
+    try:
+        meta = json.loads(payload.pop("meta"))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"'{path}': its metadata is not JSON ({first_line(e, 80)}); {fix}")
+    fields(meta, META_FIELDS, f"'{path}'", fix)
+    fields(meta["model_args"], MODEL_ARGS_FIELDS, f"'{path}' model_args", fix)
+    if meta["model_args"]["n_embd"] % meta["model_args"]["n_head"]:
+        raise UsageError(f"'{path}' model_args: n_embd is not divisible by n_head; {fix}")
     return payload, meta
+
+
+# what a checkpoint's JSON must hold, and the sizes a model can have, checked before anything is built
+META_FIELDS = {"model_args": (dict, None, None)}  # (the tokenizer: generate.py: model_from_checkpoint)
+MODEL_ARGS_FIELDS = {"n_layer": (int, 0, 10_000), "n_head": (int, 1, 10_000), "n_embd": (int, 1, 1 << 20),
+                     "block_size": (int, 1, 1 << 24), "vocab_size": (int, 1, 1 << 24), "bias": (bool, None, None),
+                     "dropout": ((int, float), 0, 1)}
 
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -117,6 +134,11 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 def check_resumable(ckpt_meta, ckpt_path, config, model_args, tokenizer, master):
     """Resuming needs the checkpoint's model shape, tokenizer and fsdp setting: the same ids must mean the
     same tokens, and the saved optimizer state must fit. A changed schedule is said, not refused."""
+    fix = "resume from a checkpoint written by train.py, or start a new run in another out_dir"
+    fields(ckpt_meta, {"iter_num": (int, 0, None), "config": (dict, None, None)}, f"'{ckpt_path}'", fix)
+    best = ckpt_meta.get("best_val_loss")
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or best != best:  # (inf: never evaluated)
+        raise UsageError(f"'{ckpt_path}': 'best_val_loss' is {best!r}, not a number; {fix}")
     dataset = config["dataset"]
     trained_on = ckpt_meta.get("dataset", dataset)
     if ckpt_meta.get("tokenizer", tokenizer) != tokenizer:
@@ -131,7 +153,7 @@ def check_resumable(ckpt_meta, ckpt_path, config, model_args, tokenizer, master)
             raise UsageError(f"cannot resume: {k} is {model_args[k]} in this config but {saved[k]} "
                              f"in {ckpt_path}; use the original model settings or a new out_dir")
     for key in ("learning_rate", "max_iters", "lr_decay_iters", "min_lr", "warmup_iters"):
-        if ckpt_meta["config"][key] != config[key] and master:
+        if ckpt_meta["config"].get(key, config[key]) != config[key] and master:
             print(f"resume: {key} changed from {ckpt_meta['config'][key]} to {config[key]}")
     if ckpt_meta.get("fsdp", False) != config["fsdp"]:
         raise UsageError(f"cannot resume: {ckpt_path} was written with fsdp={ckpt_meta.get('fsdp', False)}; "

@@ -82,6 +82,13 @@ def checked(value, low, high, integer=False):
         raise argparse.ArgumentTypeError(str(e).removeprefix("it "))
 
 
+def pathname(text):
+    """An argparse type for a path: not empty, and no NUL character (which no file name can hold)."""
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"must be a path (not empty, no NUL character), got {text!r}")
+    return text
+
+
 def folder_name(name, what="--name"):
     """A name that is one folder inside its parent: not empty, no path separator, not '.' or '..', no
     control characters, at most 255 bytes: so parent/name can never be somewhere else."""

@@ -11,7 +11,7 @@ import io
 import os
 import tokenize
 
-from machinery.checks import LARGEST_INT, SEED_RANGE, folder_name, number
+from machinery.checks import LARGEST_INT, SEED_RANGE, folder_name, number, read_utf8
 from machinery.cli import UsageError, closest
 
 
@@ -121,8 +121,7 @@ def read_config_file(path):
                          "config/shakespeare_char_cpu.py")
     if not os.path.isfile(path):
         raise UsageError(f"config file '{path}' not found (see config/ for the shipped ones)")
-    with open(path, encoding="utf-8") as f:
-        return literal_assignments(f.read(), path)
+    return literal_assignments(read_utf8(path, "config file"), path)
 
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -185,6 +184,8 @@ def check_train_config(c):
     for key, value in c.items():  # every number finite, and a size PyTorch could be asked for
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number(f"'{key}'", value, -LARGEST_INT, LARGEST_INT, integer=isinstance(value, int))
+        if isinstance(value, str) and "\x00" in value:  # no path or name can hold one
+            raise UsageError(f"'{key}' holds a NUL character: {value!r}")
     number("'seed'", c["seed"], *SEED_RANGE, integer=True)
     folder_name(c["dataset"], "dataset")
     positive = ("eval_interval", "log_interval", "monitor_interval", "eval_iters", "gradient_accumulation_steps",

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from machinery.checks import fields, read_utf8
 from machinery.cli import UsageError
 from machinery.faults import atomic_write, remove_leftovers, writing
 from machinery.gpt2_bpe import gpt2_encoding
@@ -223,12 +224,28 @@ def needs_preparing(data_dir, name):
 
 
 def read_meta(data_dir, name):
+    """data_dir/name/meta.json, its fields checked (a vocabulary that uint16 ids can hold, a tokenizer this
+    code knows), and its .bin files a whole number of ids; or one UsageError saying to prepare it again."""
     meta_path = os.path.join(data_dir, name, "meta.json")
+    fix = "prepare the dataset again with data.py"
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            return json.load(f)
+        meta = json.loads(read_utf8(meta_path, "dataset metadata"))
     except ValueError:
-        raise UsageError(f"{meta_path} is not valid JSON; prepare the dataset again with data.py")
+        raise UsageError(f"{meta_path} is not valid JSON; {fix}")
+    fields(meta, {"vocab_size": (int, 1, np.iinfo(np.uint16).max + 1), "tokenizer": (dict, None, None)}, meta_path,
+           fix)
+    tokenizer = meta["tokenizer"]
+    if tokenizer.get("kind") == "char":
+        fields(tokenizer, {"chars": (list, meta["vocab_size"], meta["vocab_size"])}, f"{meta_path} tokenizer", fix)
+        if not all(isinstance(c, str) and len(c) == 1 for c in tokenizer["chars"]):
+            raise UsageError(f"{meta_path}: the tokenizer's chars are not single characters; {fix}")
+    elif tokenizer.get("kind") != "gpt2":
+        raise UsageError(f"{meta_path}: unknown tokenizer {tokenizer.get('kind')!r}; {fix}")
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, name, f"{split}.bin")
+        if os.path.getsize(path) % 2:
+            raise UsageError(f"{path} is {os.path.getsize(path):,} bytes, not a whole number of 2-byte ids; {fix}")
+    return meta
 
 
 def check_long_enough(dataset, block_size, **splits):
