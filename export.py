@@ -71,6 +71,9 @@ def check_out_dir(out, force, ckpt_path):
     folder this command runs in, whatever --force says: nothing the export reads is ever deleted."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{out}' is a file; give a directory path")
+    if os.path.abspath(out) != os.fsencode(os.path.abspath(out)).decode("utf-8", "replace"):
+        raise UsageError(f"--out '{out}' is not a UTF-8 path, and the Hugging Face libraries write only "
+                         "those; choose another --out")
     holds = lambda folder, path: os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) == \
         os.path.realpath(folder)
     for inside, what in ((ckpt_path, "the checkpoint being exported"), (os.getcwd(), "the current folder")):

@@ -59,9 +59,10 @@ def is_number(value):
 
 def run_names(out_dirs):
     """Legend names: each folder's own name, or the path as given when two names collide."""
-    names = [os.path.basename(os.path.normpath(d)) for d in out_dirs]
+    shown = lambda path: os.fsencode(path).decode("utf-8", "replace")  # a name need not be UTF-8 on Linux
+    names = [shown(os.path.basename(os.path.normpath(d))) for d in out_dirs]
     if len(set(names)) < len(names):
-        return [os.path.normpath(d) for d in out_dirs]
+        return [shown(os.path.normpath(d)) for d in out_dirs]
     return names
 
 

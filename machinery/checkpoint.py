@@ -96,8 +96,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise UsageError(f"checkpoint '{path}' not found; train first (python train.py config/...) "
                          "or give the right --ckpt path")
     try:
-        # mmap: tensors are read from disk only when used (sampling never touches the optimizer state)
-        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        # mmap: tensors are read from disk only when used (sampling never touches the optimizer state);
+        # PyTorch opens a path as UTF-8, so a name that is not (Linux allows it) is read through a file
+        if path == os.fsencode(path).decode("utf-8", "replace"):
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        else:
+            with open(path, "rb") as f:
+                payload = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, unsafe globals: all mean "not ours"
         reason = first_line(e)
         raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint ({reason}); "

@@ -89,6 +89,10 @@ def run_cli(main, interrupted_hint=""):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except UnicodeEncodeError as e:  # a file name that is not UTF-8 (Linux allows it) met a library that needs it
+        print(f"error: a file or folder name is not UTF-8 ({first_line(e, 100)}); rename it, or choose "
+              "another path", file=sys.stderr)
+        sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate" not in str(e):
             raise

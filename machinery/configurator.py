@@ -181,12 +181,12 @@ INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-
 
 def check_train_config(c):
     """Values that have the right type but cannot work, reported before anything is built."""
+    number("'seed'", c["seed"], *SEED_RANGE, integer=True)
     for key, value in c.items():  # every number finite, and a size PyTorch could be asked for
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number(f"'{key}'", value, -LARGEST_INT, LARGEST_INT, integer=isinstance(value, int))
         if isinstance(value, str) and "\x00" in value:  # no path or name can hold one
             raise UsageError(f"'{key}' holds a NUL character: {value!r}")
-    number("'seed'", c["seed"], *SEED_RANGE, integer=True)
     folder_name(c["dataset"], "dataset")
     positive = ("eval_interval", "log_interval", "monitor_interval", "eval_iters", "gradient_accumulation_steps",
                 "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_bad_steps")

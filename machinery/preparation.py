@@ -30,7 +30,7 @@ DATA_LEFTOVER = re.compile(r"(?:train\.bin|all\.bin|val\.bin|meta\.json|input\.t
 def write_json(path, value):
     """path holds value as JSON, written atomically; a full disk is one line naming it."""
     with writing(path), atomic_write(path) as f:
-        json.dump(value, f, ensure_ascii=False)
+        json.dump(value, f)  # (ASCII: \u escapes, so a path that is not UTF-8 is kept too)
 
 
 def read_text_chunks(path, progress=None, decode=True):

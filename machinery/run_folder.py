@@ -118,7 +118,7 @@ def lock_run_folder(out_dir):
         with writing(path):  # a full disk: one line, and no lock file left behind
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, holder.encode("utf-8"))
+            os.write(fd, holder.encode("utf-8", "backslashreplace"))  # (a folder name need not be UTF-8)
     except BaseException:
         release_lock(fd, path)
         raise

@@ -208,3 +208,61 @@ def test_train_py_given_a_hostile_setting_exits_with_one_line_and_loses_nothing(
     if result.returncode != 0:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert {path: open(path, "rb").read() for path in walk(out)} == before
+
+
+SCRIPTS = ["train.py", "generate.py", "data.py", "lens.py", "export.py", "plot.py", "bench.py", "bench_corpus.py",
+           "docs/figures.py", "docs/ablations.py", "docs/notebooks.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_handles_ctrl_c_before_its_slow_imports(script):
+    import ast
+    from conftest import ROOT
+    tree = ast.parse(open(os.path.join(ROOT, script), encoding="utf-8").read())
+    calls = [n for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", None) == "quiet_interrupts"]
+    assert calls, f"{script} does not call quiet_interrupts(__name__)"
+    heavy = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno < calls[0].lineno
+             and any(name in ast.unparse(n) for name in ("torch", "numpy", "transformers", "matplotlib", "tiktoken"))]
+    assert not heavy, f"{script} imports {ast.unparse(heavy[0])} before it handles Ctrl-C"
+
+
+def test_ctrl_c_while_the_imports_load_is_one_line_and_exit_130():
+    import subprocess
+    from conftest import ROOT
+    code = ("from machinery.cli import quiet_interrupts; quiet_interrupts('__main__'); import os, signal; "
+            "os.kill(os.getpid(), signal.SIGINT); import torch")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr.strip() == "interrupted by SIGINT", result.stderr
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_stops_nothing_the_run_saves_and_exits_as_usual(char_data, tmp_path):
+    import subprocess
+    from conftest import ROOT
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
+                                "--dataset=tiny", f"--out_dir={out}", "--max_iters=30", "--eval_interval=30"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()  # `| head -1`: one line read, then the reader is gone
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr
+    assert (out / "ckpt.pt").exists() and (out / "best_model.pt").exists()
+
+
+@pytest.mark.slow
+def test_folder_names_that_are_not_utf8_work_or_are_one_line(char_data, tmp_path):
+    out = os.fsdecode(bytes(tmp_path) + b"/run-\xff\xfe")  # legal on Linux, not UTF-8
+    train = run_script("train.py", *TINY, f"--data_dir={char_data}", "--dataset=tiny", f"--out_dir={out}",
+                       "--max_iters=4", "--eval_interval=4")
+    assert train.returncode == 0 and "\\udcff" in train.stdout, train.stderr  # shown escaped
+    assert run_script("generate.py", "--ckpt", out, "--max_new_tokens=4", "--device=cpu").returncode == 0
+    assert run_script("plot.py", out).returncode == 0
+    resumed = run_script("train.py", *TINY, f"--data_dir={char_data}", "--dataset=tiny", f"--out_dir={out}",
+                         "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    exported = run_script("export.py", "--ckpt", out, "--out", out + "-hf")
+    assert exported.returncode in (0, 2) and "Traceback" not in exported.stderr
+    if exported.returncode:
+        assert len(exported.stderr.strip().splitlines()) == 1 and "not UTF-8" in exported.stderr
