@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from machinery.checks import folder_name, pathname
+from machinery.checks import folder_name, pathname, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.gpt2_bpe import GPT2_VOCAB_SIZE, gpt2_encoding
 from machinery.preparation import (char_id_stream, check_text, gpt2_id_stream, needs_preparing,
@@ -214,7 +214,7 @@ def main():
     p.add_argument("--text_field", default="text",
                    help="the field of a .jsonl line or a row that holds the text")
     args = p.parse_args()
-    out_dir = os.path.join(args.data_dir, folder_name(args.name))  # never outside data_dir
+    out_dir = os.path.join(writable_folder(args.data_dir, "--data_dir"), folder_name(args.name))
     if args.folder or args.hf:
         from machinery.corpus import prepare_corpus_cli
         prepare_corpus_cli(args, out_dir)

@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from generate import model_from_checkpoint
 from machinery.checkpoint import in_run_folder
-from machinery.checks import pathname
+from machinery.checks import pathname, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import remove_leftovers, writing
 from machinery.gpt2_bpe import gpt2_hf_tokenizer
@@ -71,6 +71,7 @@ def check_out_dir(out, force, ckpt_path):
     folder this command runs in, whatever --force says: nothing the export reads is ever deleted."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{out}' is a file; give a directory path")
+    writable_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
     if os.path.abspath(out) != os.fsencode(os.path.abspath(out)).decode("utf-8", "replace"):
         raise UsageError(f"--out '{out}' is not a UTF-8 path, and the Hugging Face libraries write only "
                          "those; choose another --out")

@@ -16,7 +16,7 @@ import torch
 from data import tokenizer_from
 from machinery import interactive
 from machinery.checkpoint import find_checkpoint, load_checkpoint
-from machinery.checks import SEED_RANGE, integer, pathname, real
+from machinery.checks import SEED_RANGE, integer, pathname, real, temperature
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import device_type, pick_device, pick_dtype
 from machinery.interactive import read_prompt
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=integer(1), default=1, help="samples per prompt")
     p.add_argument("--max_new_tokens", type=integer(1), default=500,
                    help="tokens sampled after the prompt")
-    p.add_argument("--temperature", type=real(0), default=0.8,
+    p.add_argument("--temperature", type=temperature, default=0.8,
                    help="0 = greedy; <1 sharper, >1 more random")
     p.add_argument("--top_k", type=integer(1), default=200,
                    help="sample only among the k most likely tokens")

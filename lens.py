@@ -52,9 +52,8 @@ TOP = 20  # tokens in the next-token view
 STACK_TOP = 5  # predictions per layer at the chosen position
 ATTENTION_LIMIT = 2_000_000  # the most weights (layers x heads x T x T) one answer carries to the page
 BODY_LIMIT = 64 * 1024  # bytes in one request: a prompt of many thousand characters, never a flood of memory
-SOCKET_TIMEOUT = 20  # seconds a connection may stay silent (before its request, inside its body) before it is dropped
+SOCKET_TIMEOUT = 20  # seconds a connection may stay silent (before its request, inside its body): then it is dropped
 GENERATE_LIMIT = 10_000  # the most new tokens one generation on the page may ask for
-MIN_TEMPERATURE = 1e-6  # above 0 (greedy) but below this, logits / temperature can overflow: NaN probabilities
 NUMBER_TEXT_LIMIT = 100  # characters in a number given as a string
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the names this machine has for itself
 
@@ -68,10 +67,11 @@ def request_fields(body):
     except UnicodeDecodeError as e:
         raise UsageError(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})")
     try:
-        fields = json.loads(text or "{}")
+        fields = json.loads(text or "{}", parse_int=lambda digits: int(digits) if len(digits) <= NUMBER_TEXT_LIMIT
+                            else LongNumber(digits))
     except RecursionError:
         raise UsageError("the request is JSON nested too deeply to read")
-    except ValueError as e:  # not JSON, or a number of more digits than Python converts
+    except ValueError as e:
         raise UsageError(f"the request is not JSON ({first_line(e)})")
     if not isinstance(fields, dict):
         raise UsageError(f"the request must be a JSON object of the page's fields, got {json_kind(fields)}")
@@ -91,6 +91,7 @@ def request_fields(body):
     for key in ("position",) + SETTINGS:
         if fields.get(key) is not None:
             checked[key] = number_text(key, fields[key])
+    position_number(checked.get("position"))  # a whole number, for generate too, which does not use it
     return checked
 
 
@@ -101,19 +102,31 @@ def number_text(key, value):
         if len(value) > NUMBER_TEXT_LIMIT:
             raise UsageError(f"the field '{key}' is {len(value)} characters long, too long for a number")
         return value.strip()
+    if isinstance(value, LongNumber) or (isinstance(value, int) and len(str(abs(value))) > NUMBER_TEXT_LIMIT):
+        digits = len(str(value).lstrip("-"))
+        raise UsageError(f"the field '{key}' is a number of {digits} digits, too long for any setting")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UsageError(f"the field '{key}' must be a number (or a string of one), got {json_kind(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"the field '{key}' must be a finite number, got {value}")
-    if isinstance(value, int) and abs(value) > 10 ** NUMBER_TEXT_LIMIT:
-        raise UsageError(f"the field '{key}' is a number of more than {NUMBER_TEXT_LIMIT} digits")
     return str(value) if isinstance(value, int) else repr(value)
+
+
+class LongNumber:
+    """A JSON whole number of more than NUMBER_TEXT_LIMIT digits, kept as its text: Python would convert up to 4300
+    digits (slowly) and refuse more, and no setting is that large."""
+
+    def __init__(self, digits):
+        self.digits = digits
+
+    def __str__(self):
+        return self.digits
 
 
 def json_kind(value):
     """What a JSON value is, in JSON's words."""
-    kinds = ((bool, "true or false"), (type(None), "null"), (str, "a string"), (int, "a number"),
-             (float, "a number"), (list, "a list"), (dict, "an object"))
+    kinds = ((bool, "true or false"), (type(None), "null"), (str, "a string"), ((int, float, LongNumber), "a number"),
+             (list, "a list"), (dict, "an object"))
     return next(name for kind, name in kinds if isinstance(value, kind))
 
 
@@ -131,9 +144,6 @@ def sampling_settings(fields):
     if flags["max_new_tokens"] > GENERATE_LIMIT:
         raise UsageError(f"--max_new_tokens must be at most {GENERATE_LIMIT} on the lens's page, "
                          f"got {flags['max_new_tokens']}; generate.py takes more")
-    if 0 < flags["temperature"] < MIN_TEMPERATURE:
-        raise UsageError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
-                         f"{flags['temperature']}: the logits divided by less overflow")
     return {key: None if given.get(key) == "" and key in ("top_k", "top_p") else flags[key] for key in SETTINGS}
 
 
@@ -180,7 +190,8 @@ class Lens:
         return {"checkpoint": self.path, "device": self.device, "dtype": str(self.model.lm_head.weight.dtype)[6:],
                 "tokenizer": self.tokenizer.describe()["kind"], "n_layer": config.n_layer, "n_head": config.n_head,
                 "n_embd": config.n_embd, "block_size": config.block_size, "vocab_size": config.vocab_size,
-                "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP}
+                "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP,
+                "body_limit": BODY_LIMIT}
 
     def example_prompt(self):
         try:
@@ -254,13 +265,16 @@ class Lens:
                                                      f"with this model's {config.n_layer} x {config.n_head} heads"}
 
     def generate(self, fields):
-        """Yield each new token ({id, text, p, p_model}) of model.generate_stream, seeded as generate.py seeds:
-        p is the probability it had under the sampling settings, p_model under the model alone."""
+        """An iterator of the new tokens ({id, text, p, p_model}) of model.generate_stream, seeded as generate.py
+        seeds: p is the probability each had under the sampling settings, p_model under the model alone. The
+        prompt and the settings are checked here, before the first token (a UsageError)."""
         prompt = fields.get("prompt", "")
         ids = self.tokenizer.encode(prompt) if prompt else []
         if not ids:
             raise UsageError("the prompt is empty; type some text")
-        s = sampling_settings(fields)
+        return self.new_tokens(ids, sampling_settings(fields))
+
+    def new_tokens(self, ids, s):
         generator = torch.Generator(device=self.device).manual_seed(s["seed"])  # as generate.py: same seed, same text
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         fired, replayed, me = [], {}, threading.current_thread()
@@ -291,78 +305,188 @@ class Lens:
             hook.remove()
 
     def generate_command(self, fields):
-        """The generate.py command that prints the same text."""
+        """The generate.py command that prints the same text. Every value is given in the --flag=value form, so
+        that a prompt that begins with '-' is not read as a flag; a prompt that begins with FILE: (or TEXT:) is
+        given as TEXT:prompt, which generate.py reads as the text itself, not as a file to open."""
         s = sampling_settings(fields)
-        top_k = s["top_k"] or self.model.config.vocab_size  # keeping every token is what "off" does
-        top_p = [] if s["top_p"] is None else ["--top_p", str(s["top_p"])]
-        return shlex.join(["python", "generate.py", "--ckpt", self.path, "--start", fields.get("prompt", ""),
-                           "--seed", str(s["seed"]), "--temperature", str(s["temperature"]), "--top_k", str(top_k),
-                           *top_p, "--max_new_tokens", str(s["max_new_tokens"]), "--device", self.device])
+        prompt = fields.get("prompt", "")
+        flags = {"ckpt": self.path, "start": f"TEXT:{prompt}" if prompt.startswith(("FILE:", "TEXT:")) else prompt,
+                 "seed": s["seed"], "temperature": s["temperature"],
+                 "top_k": s["top_k"] or self.model.config.vocab_size,  # keeping every token is what "off" does
+                 "top_p": s["top_p"], "max_new_tokens": s["max_new_tokens"], "device": self.device,
+                 "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch.")}
+        return shlex.join(["python", "generate.py", *(f"--{key}={value}" for key, value in flags.items()
+                                                      if value is not None)])
 
 
 def chosen_position(value, T):
     """The position the page asks about; none (or one past the prompt, after an edit) means the last."""
-    if value in (None, ""):
-        return T - 1
+    position = position_number(value)
+    return position if position is not None and 0 <= position < T else T - 1
+
+
+def position_number(value):
+    """The field 'position' as a whole number, or None when it is empty."""
+    text = "" if value is None else number_text("position", value)
+    if text == "":
+        return None
     try:
-        position = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"the position must be a whole number, got {value!r}")
-    return position if 0 <= position < T else T - 1
+        position = int(text)
+    except ValueError:
+        raise UsageError(f"the field 'position' must be a whole number, got {shorten(text)!r}")
+    if abs(position) > LARGEST_INT:
+        raise UsageError(f"the field 'position' must be a whole number of at most {LARGEST_INT}, got {shorten(text)}")
+    return position
+
+
+class Refused(UsageError):
+    """A request answered with an HTTP status other than 400: the problem, and that status."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
 
 class Handler(BaseHTTPRequestHandler):
-    """The page's files, and its three questions: /api/model, /api/analyze (POST) and /api/generate (a stream)."""
+    """The page's files, and its three questions: /api/model, /api/analyze and /api/generate (both POST, the
+    page's fields as a JSON body; generate answers with a stream of server-sent events). Every answer is JSON
+    (or the page, or the stream): a request with another Host, a body too large or not JSON, a field of the
+    wrong type is a 4xx naming it; a fault of the lens is a 500 and one line in its terminal."""
+
+    timeout = SOCKET_TIMEOUT  # on every socket operation: a client that sends nothing is dropped, not waited for
+    server_version = "GlassGPT-lens"
+    default_request_version = "HTTP/1.0"  # so that even an answer to a request line that is not HTTP has a status
 
     def do_GET(self):
-        url = urlsplit(self.path)
-        if url.path in PAGE_FILES:
-            self.send_page_file(*PAGE_FILES[url.path])
-        elif url.path == "/api/model":
-            self.send_json(self.server.lens.describe())
-        elif url.path == "/api/generate":
-            self.stream_generation(dict(parse_qsl(url.query, keep_blank_values=True)))
-        else:
-            self.send_json({"error": f"nothing at {url.path}"}, HTTPStatus.NOT_FOUND)
+        self.answer(self.get)
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/api/analyze":
-            return self.send_json({"error": f"nothing to post to at {self.path}"}, HTTPStatus.NOT_FOUND)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.answer(self.post)
+
+    def get(self, path):
+        if path in PAGE_FILES:
+            self.send_page_file(*PAGE_FILES[path])
+        elif path == "/api/model":
+            self.send_json(self.server.lens.describe())
+        elif path in ("/api/analyze", "/api/generate"):
+            raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes a POST of the page's fields as JSON")
+        else:
+            raise Refused(HTTPStatus.NOT_FOUND, f"nothing at {shorten(path)}")
+
+    def post(self, path):
+        if path not in ("/api/analyze", "/api/generate"):
+            raise Refused(HTTPStatus.NOT_FOUND, f"nothing to post to at {shorten(path)}")
+        fields = request_fields(self.read_body())
+        if path == "/api/analyze":
+            self.send_json(self.server.lens.analyse(fields))
+        else:
+            self.stream_generation(fields)
+
+    def answer(self, respond):
+        """respond(path) once the Host is checked. A UsageError is a 4xx answer naming the problem; any other
+        exception a 500 and one line on stderr, never a traceback: the server goes on with the next request."""
+        self.streaming = False  # true once a stream's 200 has gone out: then a failure is an event of it
         try:
-            fields = json.loads(body or b"{}")
-            if not isinstance(fields, dict):
-                raise UsageError("the request must be a JSON object of the page's fields")
-            answer = self.server.lens.analyse(fields)
-        except json.JSONDecodeError as e:
-            return self.send_json({"error": f"the request is not JSON ({e})"}, HTTPStatus.BAD_REQUEST)
+            self.check_host()
+            respond(urlsplit(self.path).path)
+        except Refused as e:
+            self.refuse(e.status, str(e))
         except UsageError as e:
-            return self.send_json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
-        self.send_json(answer)
+            self.refuse(HTTPStatus.BAD_REQUEST, str(e))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the page stopped listening (its Stop button, a closed tab), or fell silent
+        except Exception as e:
+            answered = "its stream's failure event" if self.streaming else "500"
+            print(f"lens: {self.command} {shorten(self.path)!r} failed: {type(e).__name__}: {first_line(e)} "
+                  f"(answered {answered}; the lens goes on)", file=sys.stderr, flush=True)
+            self.refuse(HTTPStatus.INTERNAL_SERVER_ERROR, f"the lens failed on this request ({type(e).__name__}: "
+                                                          f"{first_line(e)}); its terminal has the line")
+
+    def refuse(self, status, message):
+        """The error as the answer, or as the stream's `failure` event once the stream has begun."""
+        self.close_connection = True
+        try:
+            if self.streaming:
+                self.send_event("failure", {"error": message})
+            else:
+                self.send_json({"error": message}, status)
+        except OSError:
+            pass  # the client is gone: nobody to tell
+
+    def check_host(self):
+        """Only a request addressed to this server by one of its own names is answered. A web page can make the
+        browser send requests to a name of its own site that it then points at 127.0.0.1 (DNS rebinding): those
+        carry the page's name in Host, and are refused here. A page of another site that posts to 127.0.0.1
+        directly (it cannot read the answer, but it would drive the model) is named by the browser in Origin."""
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0].strip().lower() if len(hosts) == 1 else None
+        local = self.connection.getsockname()[0]  # the address the client connected to, which it may name
+        allowed = self.server.allowed_hosts | names_with_port([local], self.server.server_address[1])
+        if host not in allowed:
+            given = "one without a Host header" if not hosts else f"one for Host {shorten(', '.join(hosts))!r}"
+            raise Refused(HTTPStatus.FORBIDDEN, f"this lens answers only requests for {self.server.served}, not "
+                                                f"{given}: another site's page may be trying to reach it")
+        origin = self.headers.get("Origin")  # sent by browsers with a page's POSTs and cross-site requests
+        if origin is not None and origin.strip().lower() not in {f"http://{name}" for name in allowed}:
+            raise Refused(HTTPStatus.FORBIDDEN, f"this lens answers only its own page, not one from "
+                                                f"{shorten(origin)!r}")
+
+    def read_body(self):
+        """The request's body, if its Content-Length says it fits in BODY_LIMIT: checked before a byte is read."""
+        if self.headers.get("Transfer-Encoding"):
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not in chunks")
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        text = lengths[0].strip()
+        if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,20}", text):
+            raise Refused(HTTPStatus.BAD_REQUEST, f"the Content-Length must be one whole number of bytes, got "
+                                                  f"{shorten(', '.join(lengths))!r}")
+        length = int(text)
+        if length > BODY_LIMIT:
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request body would be {length} bytes; the "
+                                                               f"lens reads at most {BODY_LIMIT}")
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise Refused(HTTPStatus.REQUEST_TIMEOUT, f"the request body did not arrive within {self.timeout:g} s")
+        if len(body) < length:
+            raise Refused(HTTPStatus.BAD_REQUEST, f"the request body ended after {len(body)} of its {length} bytes")
+        return body
 
     def stream_generation(self, fields):
-        """Server-sent events: one `token` event per new token, then `done` (or `failure` with a message)."""
+        """Server-sent events: one `token` event per new token, then `done` (or `failure` with a message). The
+        fields and the first step come before the 200: a failure there is an ordinary answer."""
+        lens = self.server.lens
+        tokens = lens.generate(fields)
+        first = next(tokens, None)
+        command = lens.generate_command(fields)
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        lens, ids = self.server.lens, []
-        try:
-            for token in lens.generate(fields):
-                ids.append(token["id"])
-                self.send_event("token", token)
-            self.send_event("done", {"text": lens.tokenizer.decode(ids), "command": lens.generate_command(fields)})
-        except UsageError as e:
-            self.send_event("failure", {"error": str(e)})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the page stopped listening (its Stop button, or the tab was closed)
+        self.streaming = True
+        ids = []
+        for token in itertools.chain([first] if first else [], tokens):
+            ids.append(token["id"])
+            self.send_event("token", token)
+        self.send_event("done", {"text": lens.tokenizer.decode(ids), "command": command})
 
     def send_event(self, name, data):
-        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode("utf-8"))
+        self.wfile.write(f"event: {name}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode("utf-8"))
         self.wfile.flush()
 
     def send_json(self, data, status=HTTPStatus.OK):
-        self.send_bytes(json.dumps(data).encode("utf-8"), "application/json", status)
+        self.send_bytes(json.dumps(data, allow_nan=False).encode("utf-8"), "application/json", status)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a request line too long, a malformed header, an unknown
+        method) as JSON too."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.close_connection = True
+        message = f"{phrase}: {shorten(message, 200)}" if message and message != phrase else phrase
+        self.send_json({"error": message}, code)
 
     def send_page_file(self, name, content_type):
         with open(os.path.join(PAGE_DIR, name), "rb") as f:
@@ -376,16 +500,50 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format, *args):
-        pass  # the terminal keeps only the link; what goes wrong is said on the page
+        pass  # the terminal keeps only the link (and a fault's one line); what goes wrong is said on the page
+
+
+def names_with_port(names, port):
+    """{name:port} for each host name or address (an IPv6 one in brackets); the bare name too on port 80."""
+    names = [bracketed(name).lower() for name in names]
+    return {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())
+
+
+def bracketed(address):
+    """An IPv6 address as a URL writes it, [::1]; anything else as it is."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def is_loopback(address):
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def is_unspecified(address):
+    """0.0.0.0 or ::, which listen on every address of the machine."""
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
 
 
 def make_server(lens, host, port):
-    """A threading HTTP server for the page on host:port (port 0: a free one), not yet serving."""
+    """A threading HTTP server for the page on host:port (port 0: a free one), not yet serving. It answers
+    requests addressed to host:port, to localhost:port and 127.0.0.1:port, and to the address a client
+    connected to (a server bound to 0.0.0.0 is reached by one of the machine's addresses)."""
+    kind = type("LensServer", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}) if ":" in host \
+        else ThreadingHTTPServer
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port, "
-                         "or leave it out for a free one")
+        server = kind((host, port), Handler)
+    except (OSError, OverflowError, ValueError, UnicodeError) as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); choose another "
+                         "--host or --port, or leave them out (this machine, a free port)")
+    bound = server.server_address[1]
+    server.allowed_hosts = names_with_port([*LOOPBACK_NAMES, host, server.server_address[0]], bound)
+    server.served = (f"{bracketed(host)}:{bound} or localhost:{bound}" if host and not is_unspecified(host)
+                     else f"this machine's addresses or localhost, port {bound}")
     server.lens = lens
     return server
 
@@ -395,8 +553,10 @@ def parse_args(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="best_model.pt",
                    help="a run folder (its best_model.pt) or a checkpoint file; a bare name is the newest one here")
-    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (the default is this machine only)")
-    p.add_argument("--port", type=int, default=0, help="the port; 0 = a free one")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to serve on (the default is this machine only; any other opens the page, "
+                        "which has no password, to the network)")
+    p.add_argument("--port", type=integer(*PORT_RANGE), default=0, help="the port; 0 = a free one")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return p.parse_args(argv)
@@ -409,7 +569,11 @@ def main():
     model, tokenizer = load_model(path, device, args.dtype)
     with make_server(Lens(model, tokenizer, path, device), args.host, args.port) as server:
         host, port = server.server_address[:2]
-        print(f"GlassGPT lens of {path}: http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+        if not is_loopback(host):
+            print(f"warning: the lens listens on {host}:{port}, beyond this machine: it has no password, and "
+                  "anyone who can reach it can drive the model and read the checkpoint's path (leave out --host "
+                  "to serve this machine only)", file=sys.stderr, flush=True)
+        print(f"GlassGPT lens of {path}: http://{bracketed(host)}:{port}/  (Ctrl-C stops it)", flush=True)
         server.serve_forever()
 
 

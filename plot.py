@@ -13,7 +13,7 @@ import json
 import math
 import os
 
-from machinery.checks import pathname
+from machinery.checks import pathname, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import atomic_write, writing
 
@@ -131,6 +131,7 @@ def main():
     out = args.out or (os.path.join(args.out_dirs[0], "metrics.png") if len(args.out_dirs) == 1 else "runs.png")
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got '{out}'")
+    writable_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
     fig = plot_runs(runs, args.title)
     with writing(out, kept="nothing was changed there"):
         if os.path.dirname(out):

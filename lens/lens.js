@@ -65,19 +65,44 @@ function later() {
   state.timer = setTimeout(analyse, 150);
 }
 
+// a POST of fields as JSON; a body larger than the server reads (it says its limit) is refused here, in words
+function post(url, body, signal) {
+  const json = JSON.stringify(body);
+  const size = new Blob([json]).size;
+  if (state.model && size > state.model.body_limit) {
+    return Promise.resolve(new Response(JSON.stringify({
+      error: `the prompt is too long for the lens: the request would be ${size} bytes, and it reads at most ` +
+        `${state.model.body_limit}`,
+    }), { status: 413, headers: { "Content-Type": "application/json" } }));
+  }
+  return fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: json, signal });
+}
+
+// the error of an answer that is not ok: its JSON's words, or its status
+async function errorOf(response) {
+  try {
+    return (await response.json()).error || `the lens answered ${response.status}`;
+  } catch {
+    return `the lens answered ${response.status}`;
+  }
+}
+
 async function analyse() {
   document.body.dataset.pending = "1";
   const asked = ++state.asked;
-  const response = await fetch("/api/analyze", {
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ ...fields(), position: state.position ?? "" }),
-  });
-  const answer = await response.json();
+  let answer = null, error = null;
+  try {
+    const response = await post("/api/analyze", { ...fields(), position: state.position ?? "" });
+    if (response.ok) answer = await response.json();
+    else error = await errorOf(response);
+  } catch {
+    error = "the lens server stopped answering";
+  }
   if (asked !== state.asked) return;  // a newer question is on its way
-  state.answer = response.ok ? answer : null;
-  say(response.ok ? "" : answer.error);
-  $("note").hidden = !answer.note;
-  $("note").textContent = answer.note || "";
+  state.answer = answer;
+  say(error);
+  $("note").hidden = !(answer && answer.note);
+  $("note").textContent = (answer && answer.note) || "";
   if (state.answer) {
     state.position = answer.position;
     drawTokens(); drawNext(); drawAttention(); drawStack();
@@ -290,7 +315,9 @@ function drawStack() {
 
 // ---- Generate --------------------------------------------------------------------------------
 
-function generate() {
+// the server's answer is a stream of server-sent events (token ..., then done or failure), read as it comes
+// from a POST (a prompt need not fit in a URL, as it must for EventSource)
+async function generate() {
   finishGenerating("");
   const asked = fields();
   const out = $("generated");
@@ -299,32 +326,61 @@ function generate() {
   $("generate-summary").textContent = "generating…";
   $("generate").disabled = true;
   $("stop").disabled = false;
-  const stream = state.stream = new EventSource(`/api/generate?${new URLSearchParams(asked)}`);
-  stream.addEventListener("token", (event) => {
-    const t = JSON.parse(event.data);
-    out.append(el("span", {
-      className: "gen", dataset: { id: t.id, p: t.p, pModel: t.p_model },
-      title: `id ${t.id}: ${pct(t.p)} under the settings, ${pct(t.p_model)} under the model alone`,
-    }, el("b", { style: `background: rgba(37, 99, 235, ${0.6 * t.p})` }, t.text.replace(/\n/g, "⏎")),
-    el("small", {}, (100 * t.p).toFixed(0))));
-    if (t.text.includes("\n")) out.append(el("br"));
-  });
-  stream.addEventListener("done", (event) => {
-    const done = JSON.parse(event.data);
-    out.dataset.text = asked.prompt + done.text;
-    finishGenerating(`${out.querySelectorAll(".gen").length} tokens (the small number under each: its ` +
-      "probability in %). The same text from the command line:");
-    $("generate-summary").append(el("code", {}, done.command));
-  });
-  stream.addEventListener("failure", (event) => {
-    say(JSON.parse(event.data).error);
-    finishGenerating("nothing generated");
-  });
-  stream.onerror = () => finishGenerating("the lens server stopped answering");
+  const stream = state.stream = new AbortController();
+  const current = () => state.stream === stream;  // not stopped, nor replaced by a newer generation
+  const handlers = {
+    token(t) {
+      out.append(el("span", {
+        className: "gen", dataset: { id: t.id, p: t.p, pModel: t.p_model },
+        title: `id ${t.id}: ${pct(t.p)} under the settings, ${pct(t.p_model)} under the model alone`,
+      }, el("b", { style: `background: rgba(37, 99, 235, ${0.6 * t.p})` }, t.text.replace(/\n/g, "⏎")),
+      el("small", {}, (100 * t.p).toFixed(0))));
+      if (t.text.includes("\n")) out.append(el("br"));
+    },
+    done(done) {
+      out.dataset.text = asked.prompt + done.text;
+      finishGenerating(`${out.querySelectorAll(".gen").length} tokens (the small number under each: its ` +
+        "probability in %). The same text from the command line:");
+      $("generate-summary").append(el("code", {}, done.command));
+    },
+    failure(failure) {
+      say(failure.error);
+      const made = out.querySelectorAll(".gen").length;
+      finishGenerating(made ? `${made} tokens, then the generation failed` : "nothing generated");
+    },
+  };
+  try {
+    const response = await post("/api/generate", asked, stream.signal);
+    if (!response.ok) {
+      const error = await errorOf(response);
+      if (current()) handlers.failure({ error });
+      return;
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    while (current()) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0 && current()) {
+        const event = {};
+        for (const line of buffer.slice(0, end).split("\n")) {
+          const colon = line.indexOf(": ");
+          if (colon > 0) event[line.slice(0, colon)] = line.slice(colon + 2);
+        }
+        buffer = buffer.slice(end + 2);
+        if (handlers[event.event]) handlers[event.event](JSON.parse(event.data));
+      }
+    }
+  } catch (error) {
+    if (error.name === "AbortError") return;  // stopped
+  }
+  if (current()) finishGenerating("the lens server stopped answering");
 }
 
 function finishGenerating(summary) {
-  if (state.stream) state.stream.close();
+  if (state.stream) state.stream.abort();
   state.stream = null;
   $("generate").disabled = false;
   $("stop").disabled = true;

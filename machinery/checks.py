@@ -21,6 +21,7 @@ from machinery.cli import UsageError
 SEED_RANGE = (0, 2 ** 64 - 1)  # torch.manual_seed and torch.Generator.manual_seed take these (and negatives)
 PORT_RANGE = (0, 2 ** 16 - 1)  # 0: the OS picks a free port
 LARGEST_INT = 2 ** 63 - 1  # a size beyond PyTorch's int64 cannot even be asked for
+MIN_TEMPERATURE = 1e-6  # above 0 (greedy) but below this, logits / temperature overflow: NaN probabilities
 
 
 def number(name, value, low=None, high=None, integer=False):
@@ -75,6 +76,15 @@ def real(low=None, high=None, low_open=False):
     return parse
 
 
+def temperature(text):
+    """An argparse type: 0 (greedy), or a finite number of at least MIN_TEMPERATURE."""
+    value = real(0)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {text!r}: the "
+                                         "logits divided by less overflow")
+    return value
+
+
 def checked(value, low, high, integer=False):
     try:
         return number("it", value, low, high, integer)
@@ -87,6 +97,19 @@ def pathname(text):
     if not text or "\x00" in text:
         raise argparse.ArgumentTypeError(f"must be a path (not empty, no NUL character), got {text!r}")
     return text
+
+
+def writable_folder(folder, what):
+    """folder, if it is a folder that can be written, or one that can be made: its nearest existing ancestor
+    is a folder this process may write into. (A write that still fails, a full disk say, is faults.py's.)"""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{what} '{folder}' cannot be made: '{existing}' is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} '{folder}' cannot be written ('{existing}' is not writable); choose another path")
+    return folder
 
 
 def folder_name(name, what="--name"):

@@ -18,7 +18,8 @@ WRITE_FAULTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some o
                 errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
                 errno.EISDIR: "the path is a folder: name a file",
                 errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: "choose a path without a link loop",
-                errno.EEXIST: "a file is where a folder must go: choose another path"}
+                errno.EEXIST: "a file is where a folder must go: choose another path",
+                errno.ENOENT: "a folder on the way cannot be made there: choose another path"}
 
 
 @contextlib.contextmanager

@@ -168,7 +168,8 @@ def check_text(input_path, out_dir):
     size = os.path.getsize(input_path)
     if size == 0:
         raise UsageError(f"{input_path} is empty; give a text file with some content")
-    os.makedirs(out_dir, exist_ok=True)
+    with writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     return (*scan_bytes(input_path), size)
 
 

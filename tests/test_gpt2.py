@@ -246,14 +246,34 @@ def test_export_cli_error_is_one_line_with_exit_2(tmp_path):
     assert not (tmp_path / "hf_model").exists()
 
 
-def test_export_force_replaces_a_non_empty_directory(tmp_path):
+def test_export_force_replaces_an_earlier_export_and_nothing_else(tmp_path, capsys):
     save_tiny_checkpoint(tmp_path / "model.pt")
     (tmp_path / "hf_model").mkdir()
     (tmp_path / "hf_model" / "stale.txt").write_text("old")
+    with pytest.raises(UsageError, match="no earlier export"):  # a folder of other files is never replaced
+        export.main(["--ckpt", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf_model"), "--force"])
+    assert os.listdir(tmp_path / "hf_model") == ["stale.txt"]
+    (tmp_path / "hf_model" / "config.json").write_text("{}")  # an earlier export's
     export.main(["--ckpt", str(tmp_path / "model.pt"), "--out", str(tmp_path / "hf_model"), "--force"])
+    assert "its 2 entries (config.json, stale.txt) are deleted" in capsys.readouterr().out  # said first
     files = set(os.listdir(tmp_path / "hf_model"))
     assert "stale.txt" not in files and {"config.json", "tokenizer.json"} <= files
     assert sorted(os.listdir(tmp_path)) == ["hf_model", "model.pt"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize("where", ["the run folder", "a parent of it", "the current folder"])
+def test_export_never_replaces_a_folder_that_holds_its_checkpoint_or_the_current_folder(tmp_path, where,
+                                                                                       monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tiny_checkpoint(run / "best_model.pt")
+    (run / "config.json").write_text("{}")  # even one that looks like an export
+    monkeypatch.chdir(run if where == "the current folder" else tmp_path)
+    out = {"the run folder": run, "a parent of it": tmp_path, "the current folder": "."}[where]
+    before = sorted(os.listdir(run))
+    with pytest.raises(UsageError, match="holds the (checkpoint being exported|current folder)"):
+        export.main(["--ckpt", str(run), "--out", str(out), "--force"])
+    assert sorted(os.listdir(run)) == before
 
 
 def test_an_export_removes_the_temp_folder_a_killed_export_left_and_keeps_an_old_copy(tmp_path):
