@@ -9,7 +9,12 @@ import difflib
 
 
 class UsageError(Exception):
-    """Bad input from the user. Entry points print it as one line and exit with status 2."""
+    """Bad input from the user. Entry points print it as one line and exit with status 2. The values it
+    quotes may hold anything (a newline in a file name, say): control characters are shown escaped, so the
+    message stays one line."""
+
+    def __init__(self, message):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class Interrupted(KeyboardInterrupt):
