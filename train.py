@@ -221,10 +221,8 @@ def run():
             scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)  # real gradient sizes for the norm (a no-op without float16)
-        # the global gradient norm (logged), and the gradients clipped to grad_clip unless it is 0
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
-                     else torch.nn.utils.get_total_norm(grads))
+        # the global gradient norm (logged), the gradients clipped to grad_clip (0: never clipped)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         grad_norm = distributed.full(grad_norm)  # collective with FSDP
         # the NaN guard: a non-finite loss or gradient never reaches the weights
         if guard.allows_step(loss, grad_norm):
