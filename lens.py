@@ -149,9 +149,9 @@ def sampling_settings(fields):
 
 def trace(model, idx):
     """One forward of idx (B, T) with the model's insides kept: (its logits, {"residual": the stream after
-    the embeddings and after each block, each (B, T, C); "attention": each layer's weights (B, nh, T, T)}). Forward hooks read
-    them where the model computes them; the weights exist only on the explicit attention path (the same
-    result as the fused one), which this forward takes."""
+    the embeddings and after each block, each (B, T, C); "attention": each layer's weights (B, nh, T, T)}).
+    Forward hooks read them where the model computes them; the weights exist only on the explicit attention
+    path (the same result as the fused one), which this forward takes."""
     kept = {"residual": [], "attention": []}
     keep_output = lambda module, inputs, output: kept["residual"].append(output)
     keep_weights = lambda module, inputs, output: kept["attention"].append(inputs[0])  # what dropout is given
