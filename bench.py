@@ -9,6 +9,9 @@ hits both alike, each figure the median of several repeats.
     python bench.py --recipe --nanogpt=../nanoGPT      # time to val 1.88: our CPU recipe vs nanoGPT's own code
     python bench.py --recipe --nanogpt=../nanoGPT --keep_runs=out-recipe  # ... and keep our runs for plot.py
     python bench.py --json                             # also one JSON object per measurement on stdout
+
+Each row is printed as soon as it is measured, and a line on stderr says what is being measured now; Ctrl-C
+keeps the rows printed so far (the one in progress is lost) and exits with status 130.
 """
 
 from machinery.cli import quiet_interrupts
@@ -127,6 +130,15 @@ def interleaved(a, b, repeats):
     return statistics.median(times_a), statistics.median(times_b)
 
 
+def started(what):
+    """Progress: one line on stderr as each measurement starts (a measurement can take minutes)."""
+    print(f"measuring {what} ...", file=sys.stderr, flush=True)
+
+
+def unshown(row):
+    pass
+
+
 def peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -139,6 +151,7 @@ def bench_training(shape, device, repeats, vocab=VOCAB):
     fast, ref = fast_path(device_type, n_embd), reference_path(device_type)
     trainers = {"fast": Trainer(shape, {**fast, "fused_adamw": True, "sync_every_step": False}, device, vocab=vocab),
                 "reference": Trainer(shape, ref, device, vocab=vocab)}
+    started(f"training tokens/s, {shape[0]}, fast path vs reference")
     tokens_per_step = shape[5] * shape[4]
     steps = max(3, int(3e6 / (flops_per_token(trainers["fast"].model) * tokens_per_step / 1e6)))  # ~3 GFLOP-s
     steps = 20 if device_type == "cuda" else min(steps, 40)  # a GPU step is milliseconds: time a stretch
@@ -158,6 +171,7 @@ def bench_training(shape, device, repeats, vocab=VOCAB):
 
 def bench_monitor(shape, device, repeats):
     """The health monitor's cost: fast-path training with it against without it."""
+    started(f"the health monitor's cost, {shape[0]}")
     device_type = devices.device_type(device)
     path = {**fast_path(device_type, shape[3]), "fused_adamw": True, "sync_every_step": False}
     plain, watched = Trainer(shape, path, device), Trainer(shape, path, device, monitor=True)
@@ -171,8 +185,9 @@ def bench_monitor(shape, device, repeats):
              "note": f"ms/iter without and with the monitor (update ratios every {MONITOR_INTERVAL} steps)"}]
 
 
-def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
-    """New tokens per second with the KV cache against without it (the GPU recipe's model by default)."""
+def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1], show=unshown):
+    """New tokens per second with the KV cache against without it (the GPU recipe's model by default); show:
+    called with each row as it is measured."""
     name, n_layer, n_head, n_embd, block_size, _ = shape
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -181,6 +196,7 @@ def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
     for batch in (1, 8):
         for prompt_name, prompt_len in (("short", 8), ("half_block", block_size // 2)):
             idx = torch.randint(0, VOCAB, (batch, prompt_len), device=device)
+            started(f"generation tokens/s, {name} batch {batch} {prompt_name} prompt, KV cache vs none")
 
             def run(kv_cache):
                 sync(device)
@@ -192,12 +208,15 @@ def bench_generation(device, repeats, new_tokens, shape=DEFAULT_SHAPES[1]):
             results.append({"metric": "generate_tokens_per_s", "shape": f"{name} batch {batch} {prompt_name} prompt",
                             "fast": cached, "reference": uncached, "ratio": cached / uncached,
                             "new_tokens": new_tokens, "kv_cache": "fast"})
+            show(results[-1])
     return results
 
 
-def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB))):
+def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VOCAB), (GPT2_SHAPE, GPT2_VOCAB)),
+                 show=unshown):
     """Milliseconds per new token with the KV cache, as generate.py samples: batch 1 and 8, float32
-    against the device's default dtype, for the GPU recipe's model and for GPT-2 (124M)."""
+    against the device's default dtype, for the GPU recipe's model and for GPT-2 (124M); show: called with
+    each row as it is measured."""
     device_type = devices.device_type(device)
     rows = []
     for shape, vocab in shapes:
@@ -209,6 +228,7 @@ def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VO
         models = {"float32": model, default: copy.deepcopy(model).to(getattr(torch, default))}
         for batch in (1, 8):
             idx = torch.randint(0, vocab, (batch, 8), device=device)
+            started(f"decoding ms/token, {name} batch {batch}, {default} vs float32")
 
             def ms_per_token(dtype):
                 sync(device)
@@ -222,12 +242,14 @@ def bench_decode(device, repeats, new_tokens=200, shapes=((DEFAULT_SHAPES[1], VO
             rows.append({"metric": "decode_ms_per_token", "shape": f"{name} batch {batch}", "fast": ms_default,
                          "reference": ms_float32, "ratio": ms_float32 / ms_default, "fast_dtype": default,
                          "reference_dtype": "float32", "new_tokens": new_tokens})
+            show(rows[-1])
     return rows
 
 
 def bench_eval(device, repeats, eval_iters=200):
     """One eval pass (eval_iters batches of the CPU recipe's shape, train and val) in inference mode
     against the reference's no_grad."""
+    started("one eval pass, inference_mode vs no_grad")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=VOCAB)).to(device).eval()
     xs = torch.randint(0, VOCAB, (eval_iters, 12, 64), device=device)
@@ -309,14 +331,16 @@ def reference_prepare(path, tokenizer, out):
     np.array(ids, dtype=np.uint16).tofile(out)
 
 
-def bench_data(megabytes):
-    """data.py (streamed, vectorised, all cores) against the whole-text reference, as processes."""
+def bench_data(megabytes, show=unshown):
+    """data.py (streamed, vectorised, all cores) against the whole-text reference, as processes; show: called
+    with each row as it is measured."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         text = os.path.join(tmp, "big.txt")
         make_text(text, megabytes)
         size_mb = os.path.getsize(text) / 2 ** 20
         for tokenizer in ("char", "gpt2"):
+            started(f"preparing {size_mb:.0f} MB, {tokenizer} tokenizer, data.py vs the whole-text reference")
             fast_s, fast_peak, _ = run_process(script_code("data.py"), ["--input", text, "--name", tokenizer,
                                                                         "--tokenizer", tokenizer, "--data_dir", tmp])
             code = f"import bench; bench.reference_prepare({text!r}, {tokenizer!r}, {tmp + '/ref.bin'!r})"
@@ -324,6 +348,7 @@ def bench_data(megabytes):
             rows.append({"metric": "prepare_mb_per_s", "shape": f"{size_mb:.0f} MB text, {tokenizer}",
                          "fast": size_mb / fast_s, "reference": size_mb / ref_s, "ratio": ref_s / fast_s,
                          "fast_peak_rss_mb": fast_peak, "reference_peak_rss_mb": ref_peak})
+            show(rows[-1])
     return rows
 
 
@@ -364,12 +389,12 @@ def whole_split_loss(ckpt_path, val_data, block_size=64):
         return mean_loss(model.eval(), batches, "cpu")
 
 
-def bench_recipe(nanogpt, rounds, keep_runs=None):
+def bench_recipe(nanogpt, rounds, keep_runs=None, show=unshown):
     """From text to a trained model, as whole processes: our CPU recipe (which prepares the data on its first
     run) against nanoGPT's README CPU command with nanoGPT's own code, after nanoGPT's own prepare.py. The
     two alternate (ours first in even rounds, nanoGPT first in odd ones), each from a fresh copy of the same
     text. Both best checkpoints are scored on the whole val split. Our runs' folders go to keep_runs/ when
-    it is given (for plot.py)."""
+    it is given (for plot.py). show: called with each row as it is measured."""
     text = os.path.join(nanogpt, "data", "shakespeare_char", "input.txt")
     if not os.path.isfile(os.path.join(nanogpt, "train.py")) or not os.path.isfile(text):
         raise UsageError(f"--nanogpt={nanogpt} is not a nanoGPT checkout with data/shakespeare_char/input.txt: "
@@ -384,6 +409,8 @@ def bench_recipe(nanogpt, rounds, keep_runs=None):
             shutil.copy(text, os.path.join(data_dir, "shakespeare_char"))
             row = {"metric": "recipe_seconds", "shape": f"4x128x64 shakespeare_char round {r + 1}"}
             for side in ("fast", "reference") if r % 2 == 0 else ("reference", "fast"):
+                who = "our CPU recipe" if side == "fast" else "nanoGPT's CPU command"
+                started(f"round {r + 1} of {rounds}: {who}, from text to a trained model")
                 if side == "fast":
                     row["fast"], _ = timed([*OUR_CPU_COMMAND, f"--data_dir={data_dir}", f"--out_dir={out_dir}"],
                                            ROOT, env)
@@ -401,18 +428,37 @@ def bench_recipe(nanogpt, rounds, keep_runs=None):
             row["reference_val_loss"] = whole_split_loss(os.path.join(nanogpt, "out-shakespeare-char", "ckpt.pt"), val)
             row["ratio"] = row["reference"] / row["fast"]
             rows.append(row)
+            show(row)
     rows.append({"metric": "recipe_seconds", "shape": f"4x128x64 median of {rounds} rounds",
                  **{k: statistics.median(row[k] for row in rows)
                     for k in ("fast", "reference", "ratio", "fast_val_loss", "reference_val_loss")}})
+    show(rows[-1])
     return rows
 
 
-def print_table(rows):
+def print_row(r):
     """One line per measurement: the fast figure, the reference figure, and how many times better."""
-    for r in rows:
-        print(f"{r['metric']:<22} {r['shape']:<36} fast {r['fast']:>11,.1f}  reference {r['reference']:>11,.1f}"
-              f"  ratio {r['ratio']:5.2f}x" + (f"  whole-val loss fast {r['fast_val_loss']:.4f} reference "
-                                               f"{r['reference_val_loss']:.4f}" if "fast_val_loss" in r else ""))
+    print(f"{r['metric']:<22} {r['shape']:<36} fast {r['fast']:>11,.1f}  reference {r['reference']:>11,.1f}"
+          f"  ratio {r['ratio']:5.2f}x" + (f"  whole-val loss fast {r['fast_val_loss']:.4f} reference "
+                                           f"{r['reference_val_loss']:.4f}" if "fast_val_loss" in r else ""),
+          flush=True)
+
+
+class Table:
+    """The rows measured so far, each printed the moment it is measured (with --json, its JSON object on the
+    next line): an interrupted bench has printed every finished row."""
+
+    def __init__(self, json_too, device_name):
+        self.rows, self.json_too, self.device_name = [], json_too, device_name
+
+    def show(self, row):
+        self.rows.append(row)
+        print_row(row)
+        if self.json_too:
+            print(json.dumps({**row, "device": self.device_name}), flush=True)
+
+
+INTERRUPTED = "the rows printed above are complete; the measurement in progress is lost"
 
 
 def main():
@@ -434,46 +480,54 @@ def main():
     args = p.parse_args()
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.recipe and not args.nanogpt:
+        raise UsageError("--recipe compares with nanoGPT's own code: give its checkout, --nanogpt=PATH "
+                         "(git clone https://github.com/karpathy/nanoGPT)")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     device = pick_device(args.device)
     torch.set_num_threads(torch.get_num_threads())
     info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     info["device_name"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
                            else platform.processor() or "cpu")
     on_gpu = device.startswith("cuda")
-    if args.data:
-        rows = bench_data(args.data_mb)
-    elif args.recipe:
-        if not args.nanogpt:
-            raise UsageError("--recipe compares with nanoGPT's own code: give its checkout, --nanogpt=PATH "
-                             "(git clone https://github.com/karpathy/nanoGPT)")
-        if args.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
-        rows = bench_recipe(args.nanogpt, args.rounds, args.keep_runs)
-    elif args.decode:
-        rows = bench_decode(device, args.repeats)
-    elif args.gpt2:
-        rows = bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB)
-    else:
-        shapes = DEFAULT_SHAPES
-        if args.config:
-            c = configurator.load_config(configurator.train_defaults(), [args.config])
-            shapes = [(os.path.basename(args.config), c["n_layer"], c["n_head"], c["n_embd"], c["block_size"],
-                       c["batch_size"])]
-        rows = [row for shape in shapes for row in bench_training(shape, device, args.repeats)]
-        dtypes = {r[f"{path}_settings"]["dtype"] for r in rows for path in ("fast", "reference")}
+    shapes = DEFAULT_SHAPES
+    if args.config:
+        c = configurator.load_config(configurator.train_defaults(), [args.config])
+        shapes = [(os.path.basename(args.config), c["n_layer"], c["n_head"], c["n_embd"], c["block_size"],
+                   c["batch_size"])]
+    default_run = not (args.data or args.recipe or args.decode or args.gpt2)
+    if default_run:  # the peaks train.py's MFU divides by (measured once per machine, then cached)
+        device_type = devices.device_type(device)
+        dtypes = {fast_path(device_type, shape[3])["dtype"] for shape in shapes}
+        dtypes.add(reference_path(device_type)["dtype"])
         info["mfu_peak_gflops"] = {d: round(peak_flops(device, getattr(torch, d)) / 1e9) for d in sorted(dtypes)}
-        rows += bench_monitor(shapes[0], device, args.repeats)
-        rows += bench_generation(device, max(1, args.repeats // 2), args.new_tokens)
-        rows += bench_eval(device, args.repeats)
+    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    table = Table(args.json, info.get("device_name", device))
+    show = table.show
+    if args.data:
+        bench_data(args.data_mb, show)
+    elif args.recipe:
+        bench_recipe(args.nanogpt, args.rounds, args.keep_runs, show)
+    elif args.decode:
+        bench_decode(device, args.repeats, show=show)
+    elif args.gpt2:
+        for row in bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB):
+            show(row)
+    else:
+        for shape in shapes:
+            for row in bench_training(shape, device, args.repeats):
+                show(row)
+        for row in bench_monitor(shapes[0], device, args.repeats):
+            show(row)
+        bench_generation(device, max(1, args.repeats // 2), args.new_tokens, show=show)
+        for row in bench_eval(device, args.repeats):
+            show(row)
         if on_gpu and not args.config:  # at GPT-2 size a CPU takes minutes; there, ask with --gpt2 / --decode
-            rows += bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB)
-            rows += bench_decode(device, args.repeats)
-    print(" | ".join(f"{k} {v}" for k, v in info.items()))
-    print_table(rows)
-    if args.json:
-        for row in rows:
-            print(json.dumps({**row, "device": info.get("device_name", device)}))
-
+            for row in bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB):
+                show(row)
+            bench_decode(device, args.repeats, show=show)
+    return table.rows
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, INTERRUPTED)

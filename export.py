@@ -1,13 +1,14 @@
 """
-Export a GlassGPT checkpoint as a Hugging Face GPT-2 model directory.
+Export a GlassGPT checkpoint (or a nanoGPT ckpt.pt) as a Hugging Face GPT-2 model directory.
 
     python export.py --ckpt out-shakespeare/best_model.pt --out hf_model/
+    python export.py --ckpt ../nanoGPT/out-shakespeare-char/ckpt.pt --out hf_model/
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('hf_model')"
 
 Our module names are GPT-2's, so the weights copy key by key (machinery/hf.py: ours_to_hf transposes the
-four Conv1D matrices). A BPE model gets GPT-2's tokenizer files beside the weights; a char model gets
-a tokenizer of its own characters (char_tokenizer), so AutoTokenizer and pipeline("text-generation")
-load either kind. The directory is written in a temporary folder and renamed into place, so a failed
+four Conv1D matrices; a bias=False model gets zero biases: to_hf). A BPE model gets GPT-2's tokenizer
+files beside the weights; a char model gets a tokenizer of its own characters (char_tokenizer), so
+AutoTokenizer and pipeline("text-generation") load either kind. The directory is written in a temporary folder and renamed into place, so a failed
 or interrupted export never leaves half a model, and an existing non-empty --out is only replaced
 with --force.
 """
@@ -44,9 +45,15 @@ def hf_config(model_args, tokenizer):
 
 
 def to_hf(model_args, state, tokenizer):
-    """Our state dict -> a GPT2LMHeadModel holding the same weights (eval mode)."""
+    """Our state dict -> a GPT2LMHeadModel holding the same weights (eval mode). A bias=False model
+    (nanoGPT's default) gets all-zero biases, which Hugging Face's layers always have: adding zero
+    changes nothing, so the logits stay the same (check_same_logits checks it)."""
     hf = GPT2LMHeadModel(hf_config(model_args, tokenizer))
-    hf.load_state_dict(ours_to_hf(state))
+    weights = ours_to_hf(state)
+    for key, value in hf.state_dict().items():
+        if key.endswith(".bias") and key not in weights and not model_args["bias"]:
+            weights[key] = torch.zeros_like(value)
+    hf.load_state_dict(weights)
     return hf.eval()
 
 
@@ -139,9 +146,6 @@ def export(ckpt_path, out, force=False):
     check_out_dir(out, force, ckpt_path)
     model, _, meta = model_from_checkpoint(ckpt_path)
     model_args, tokenizer, state = meta["model_args"], meta["tokenizer"], model.state_dict()
-    if model_args.get("bias") is False:
-        raise UsageError(f"'{ckpt_path}' is a bias=False model, which Hugging Face GPT-2 cannot express "
-                         "(its layers always have biases); train with --bias=True to export")
     hf = to_hf(model_args, state, tokenizer)
     diff = check_same_logits(model.eval(), hf)
     parent = os.path.dirname(os.path.abspath(out))
@@ -162,10 +166,10 @@ def export(ckpt_path, out, force=False):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Export a GlassGPT checkpoint as a Hugging Face GPT-2 directory.")
+    p = ArgumentParser(description="Export a GlassGPT (or nanoGPT) checkpoint as a Hugging Face GPT-2 directory.")
     p.add_argument("--ckpt", required=True, type=pathname,
-                   help="a checkpoint written by train.py (best_model.pt or ckpt.pt), or a run folder "
-                        "(its best_model.pt)")
+                   help="a checkpoint written by train.py (best_model.pt or ckpt.pt) or by nanoGPT's train.py "
+                        "(ckpt.pt), or a run folder (its best_model.pt, else its ckpt.pt)")
     p.add_argument("--out", required=True, type=pathname, help="the directory to write (must be new or empty)")
     p.add_argument("--force", action="store_true",
                    help="replace --out when it holds an earlier export (never the checkpoint's own folder)")

@@ -4,6 +4,7 @@ Sample text from a trained checkpoint; tokens are printed as they are made.
     python generate.py --ckpt out-shakespeare-char/best_model.pt --start "ROMEO:" --num_samples 2
     python generate.py --ckpt best_model.pt          # the newest best_model.pt under this folder
     python generate.py --ckpt out-shakespeare-char --interactive   # a run folder; a prompt a line
+    python generate.py --ckpt ../nanoGPT/out-shakespeare-char      # a nanoGPT run (its ckpt.pt)
 """
 
 from machinery.cli import quiet_interrupts
@@ -20,6 +21,7 @@ from machinery.checks import SEED_RANGE, integer, pathname, real, temperature
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import device_type, pick_device, pick_dtype
 from machinery.interactive import read_prompt
+from machinery.nanogpt import SAMPLE_FLAGS
 from model import GPT, GPTConfig
 
 
@@ -51,7 +53,8 @@ def load_model(ckpt_path, device, dtype="float32"):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Sample text from a GlassGPT checkpoint.")
+    p = ArgumentParser(description="Sample text from a GlassGPT or nanoGPT checkpoint.",
+                       renamed=SAMPLE_FLAGS)  # nanoGPT's sample.py flags, said in ours
     p.add_argument("--ckpt", type=pathname, default="best_model.pt",
                    help="a checkpoint file, or a run folder (its best_model.pt); a bare file name "
                         "is looked up in the run folders below (default: the newest best_model.pt)")

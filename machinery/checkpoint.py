@@ -4,7 +4,8 @@ Checkpoints and resume state: written atomically, read without unpickling anythi
 A checkpoint is a dict of tensors (model, optimizer and scaler state, RNG states) saved with
 torch.save, plus one JSON string `meta` (configuration, tokenizer, iteration, best val loss).
 It is loaded with torch.load(weights_only=True), which only rebuilds tensors and plain containers:
-a file from a stranger cannot run code on your machine. generate.py: model_from_checkpoint builds the
+a file from a stranger cannot run code on your machine. A nanoGPT ckpt.pt is read the same way and
+converted to ours (machinery/nanogpt.py: converted). generate.py: model_from_checkpoint builds the
 model a checkpoint describes.
 """
 
@@ -15,6 +16,7 @@ import sys
 
 import torch
 
+from machinery import nanogpt
 from machinery.checks import fields
 from machinery.cli import UsageError, first_line
 from machinery.faults import atomic_write, writing
@@ -80,14 +82,18 @@ def find_checkpoint(path):
 
 
 def in_run_folder(path):
-    """A run folder (a train.py out_dir) means its best_model.pt; any other path is itself."""
+    """A run folder (a train.py out_dir) means its best_model.pt; a folder with only a ckpt.pt (nanoGPT's
+    out_dir, where ckpt.pt is the best model) its ckpt.pt; any other path is itself."""
     if not os.path.isdir(path):
         return path
-    best = os.path.join(path, "best_model.pt")
-    if not os.path.isfile(best):
-        raise UsageError(f"{path} is a folder without a best_model.pt; give a checkpoint file in it "
-                         f"(such as {os.path.join(path, 'ckpt.pt')}) or a run folder that train.py has written")
-    return best
+    best, last = os.path.join(path, "best_model.pt"), os.path.join(path, "ckpt.pt")
+    if os.path.isfile(best):
+        return best
+    if os.path.isfile(last):
+        print(f"using {last} (no best_model.pt in {path})", file=sys.stderr)
+        return last
+    raise UsageError(f"{path} is a folder without a best_model.pt or ckpt.pt; give a checkpoint file "
+                     "or a run folder that train.py (or nanoGPT's train.py) has written")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -104,26 +110,38 @@ def load_checkpoint(path, map_location="cpu"):
             with open(path, "rb") as f:
                 payload = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, unsafe globals: all mean "not ours"
-        reason = first_line(e)
-        raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint ({reason}); "
+        if "weights_only" in str(e):  # a pickle of more than tensors and plain containers
+            raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint: it holds Python objects that "
+                             "torch.load(weights_only=True) does not rebuild (GlassGPT and nanoGPT checkpoints hold "
+                             "only tensors and plain containers); use another file")
+        raise UsageError(f"'{path}' is not a readable GlassGPT checkpoint ({first_line(e)}); "
                          "it may be truncated or from another program: retrain or use another file")
-    if not isinstance(payload, dict) or "format_version" not in payload or "meta" not in payload:
-        raise UsageError(f"'{path}' is not a GlassGPT checkpoint (no format_version/meta); "
-                         "for Hugging Face GPT-2 weights use --init_from=<directory>")
-    version = payload["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UsageError(f"'{path}' has checkpoint format {version!r}, newer than this "
-                         f"code's {FORMAT_VERSION}; update GlassGPT (git pull)")
     fix = "use a checkpoint written by train.py"
-    try:
-        meta = json.loads(payload.pop("meta"))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"'{path}': its metadata is not JSON ({first_line(e, 80)}); {fix}")
+    if nanogpt.is_checkpoint(payload):  # nanoGPT's ckpt.pt, as our (tensors, meta)
+        payload, meta = nanogpt.converted(payload, path)
+        fix = "use a ckpt.pt written by nanoGPT's train.py"
+    else:
+        meta = glassgpt_meta(payload, path, fix)
     fields(meta, META_FIELDS, f"'{path}'", fix)
     fields(meta["model_args"], MODEL_ARGS_FIELDS, f"'{path}' model_args", fix)
     if meta["model_args"]["n_embd"] % meta["model_args"]["n_head"]:
         raise UsageError(f"'{path}' model_args: n_embd is not divisible by n_head; {fix}")
     return payload, meta
+
+
+def glassgpt_meta(payload, path, fix):
+    """The JSON meta of one of our checkpoints (taken out of payload), its format checked."""
+    if not isinstance(payload, dict) or "format_version" not in payload or "meta" not in payload:
+        raise UsageError(f"'{path}' is not a GlassGPT checkpoint (no format_version/meta) nor a nanoGPT ckpt.pt; "
+                         "for Hugging Face GPT-2 weights use --init_from=<directory>")
+    version = payload["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UsageError(f"'{path}' has checkpoint format {version!r}, newer than this "
+                         f"code's {FORMAT_VERSION}; update GlassGPT (git pull)")
+    try:
+        return json.loads(payload.pop("meta"))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"'{path}': its metadata is not JSON ({first_line(e, 80)}); {fix}")
 
 
 # what a checkpoint's JSON must hold, and the sizes a model can have, checked before anything is built
@@ -137,8 +155,8 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
 
 def check_resumable(ckpt_meta, ckpt_path, config, model_args, tokenizer, master):
-    """Resuming needs the checkpoint's model shape, tokenizer and fsdp setting: the same ids must mean the
-    same tokens, and the saved optimizer state must fit. A changed schedule is said, not refused."""
+    """Resuming needs the checkpoint's model shape, tokenizer, optimizer and fsdp setting: the same ids must
+    mean the same tokens, and the saved optimizer state must fit. A changed schedule is said, not refused."""
     fix = "resume from a checkpoint written by train.py, or start a new run in another out_dir"
     fields(ckpt_meta, {"iter_num": (int, 0, None), "config": (dict, None, None)}, f"'{ckpt_path}'", fix)
     best = ckpt_meta.get("best_val_loss")
@@ -157,6 +175,11 @@ def check_resumable(ckpt_meta, ckpt_path, config, model_args, tokenizer, master)
         if saved[k] != model_args[k]:
             raise UsageError(f"cannot resume: {k} is {model_args[k]} in this config but {saved[k]} "
                              f"in {ckpt_path}; use the original model settings or a new out_dir")
+    trained_with = ckpt_meta["config"].get("optimizer", config["optimizer"])  # (saved state fits only its own)
+    if trained_with != config["optimizer"]:
+        raise UsageError(f"cannot resume: optimizer is {config['optimizer']} in this config but {trained_with} in "
+                         f"{ckpt_path}, whose saved state is {trained_with}'s; resume with --optimizer={trained_with} "
+                         "(or leave it out), or start a new run in another out_dir")
     for key in ("learning_rate", "max_iters", "lr_decay_iters", "min_lr", "warmup_iters"):
         if ckpt_meta["config"].get(key, config[key]) != config[key] and master:
             print(f"resume: {key} changed from {ckpt_meta['config'][key]} to {config[key]}")

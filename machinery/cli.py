@@ -6,6 +6,7 @@ or SIGTERM one line and 128 + the signal), an ArgumentParser whose errors are on
 
 import argparse
 import difflib
+import re
 
 
 class UsageError(Exception):
@@ -114,7 +115,12 @@ def run_cli(main, interrupted_hint=""):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one UsageError line rather than usage text plus an error, and --help
-    shows every flag's default."""
+    shows every flag's default. renamed: {flag: what to give instead}, for the flags another program spells
+    otherwise (machinery/nanogpt.py: SAMPLE_FLAGS), said when the error names one."""
+
+    def __init__(self, *args, renamed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = renamed or {}
 
     def add_argument(self, *args, **kwargs):
         default, text = kwargs.get("default"), kwargs.get("help")
@@ -124,6 +130,9 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def error(self, message):
+        for flag in re.findall(r"--\w+", message):
+            if flag in self.renamed:
+                raise UsageError(f"{message}; {self.renamed[flag]}")
         raise UsageError(f"{message} (see --help)")
 
 
@@ -134,6 +143,15 @@ def closest(name, names):
 
 
 def first_line(error, width=120):
-    """An exception's message cut to its first line and `width` characters, for one-line errors."""
+    """An exception's message cut to its first line and at most `width` characters, for one-line errors; a
+    longer line is cut at the end of a word (a single word longer than width, at width) and ends in '...'."""
     text = str(error).strip()
-    return text.splitlines()[0][:width] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0][:width + 1]  # (one more: a line longer than width is cut)
+    if len(line) <= width:
+        return line
+    cut = line[:width - 3]
+    if line[width - 3] != " " and " " in cut:  # not at a word's end: go back to the last one
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:([{") + "..."

@@ -12,6 +12,7 @@ import os
 import tokenize
 
 from machinery.checks import LARGEST_INT, SEED_RANGE, folder_name, number, read_utf8
+from machinery import nanogpt
 from machinery.cli import UsageError, closest
 
 
@@ -61,14 +62,15 @@ def check_type(key, value, default, source):
     return value
 
 
-def load_config(defaults, argv):
+def load_config(defaults, argv, base=None):
     """defaults + config files (arguments not starting with --) + flags, each on top of the last. A flag
     is --key=value or --key value; a bare --key means True for a boolean (or 'auto') setting. --help
-    (or -h) prints every setting with its default and meaning, and exits."""
+    (or -h) prints every setting with its default and meaning, and exits. base: the values to start from
+    instead of the defaults (a resumed run's own settings); keys and types are still the defaults'."""
     if "--help" in argv or "-h" in argv:
         print(train_help())
         raise SystemExit(0)
-    config = dict(defaults)
+    config = dict(base or defaults)
     for source, updates in arguments(argv, defaults):
         for key, value in updates.items():
             if key not in defaults:
@@ -78,10 +80,42 @@ def load_config(defaults, argv):
 
 
 def load_train_config(defaults, argv):
-    """train.py's settings: load_config, then the values that have the right type but cannot work."""
+    """train.py's settings: load_config, then the values that have the right type but cannot work. A resumed
+    run (init_from='resume', read from the command first) starts from its checkpoint's own settings
+    instead of the defaults (resumed_settings), so that --init_from=resume --out_dir=RUN alone continues
+    it; config files and flags still go on top, and checkpoint.py: check_resumable refuses what cannot
+    change."""
     config = load_config(defaults, argv)
+    if config["init_from"] == "resume":
+        config = load_config(defaults, argv, base=resumed_settings(defaults, config["out_dir"]))
     check_train_config(config)
     return config
+
+
+# where and how this command runs, never taken from the checkpoint being resumed
+NOT_RESUMED = ("out_dir", "init_from", "replace_earlier_run", "eval_only", "inspect")
+
+
+def resumed_settings(defaults, out_dir):
+    """The defaults, overlaid with the settings saved in out_dir/ckpt.pt (its JSON meta: the run's config, and
+    the model's shape from model_args). Keys this code does not know, or of another type (a checkpoint of
+    another version or program), are left at their defaults."""
+    from machinery.checkpoint import load_checkpoint  # (reads the JSON; the tensors stay on disk)
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"cannot resume: checkpoint '{path}' not found; name the run's folder with "
+                         "--out_dir=RUN (a folder holding ckpt.pt), or train first")
+    _, meta = load_checkpoint(path)
+    saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    shape = {k: v for k, v in meta["model_args"].items() if k != "vocab_size"}  # (the dataset gives the vocabulary)
+    settings = dict(defaults)
+    for key, value in {**saved, **shape}.items():
+        if key in defaults and key not in NOT_RESUMED:
+            try:
+                settings[key] = check_type(key, value, defaults[key], path)
+            except UsageError:
+                pass
+    return settings
 
 
 def arguments(argv, defaults):
@@ -120,7 +154,7 @@ def read_config_file(path):
         raise UsageError(f"'{path}' is a folder, not a config file; name one file in it, such as "
                          "config/shakespeare_char_cpu.py")
     if not os.path.isfile(path):
-        raise UsageError(f"config file '{path}' not found (see config/ for the shipped ones)")
+        raise UsageError(f"config file '{path}' not found (see config/ for the shipped ones){nanogpt.instead(path)}")
     return literal_assignments(read_utf8(path, "config file"), path)
 
 

@@ -47,12 +47,21 @@ def ours_to_hf(state):
 
 def gpt2_weights(name_or_path, layer_norm_eps):
     """(sizes, state dict) of Hugging Face GPT-2 weights, for model.py: GPT.from_pretrained. A hub name with no
-    network, or a wrong name, is one clear error; so is a GPT-2 variant whose maths differs from ours."""
+    network, or a wrong name, is one clear error; so is a GPT-2 variant whose maths differs from ours. With no
+    network (hub_reachable), a hub name is read from the local cache only: no storm of retries first."""
+    import os
     from transformers import GPT2Config, GPT2LMHeadModel
+    offline = not os.path.isdir(name_or_path) and not hub_reachable()
     try:
-        refuse_gpt2_variants(GPT2Config.from_pretrained(name_or_path), name_or_path, layer_norm_eps)
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        config = GPT2Config.from_pretrained(name_or_path, local_files_only=offline)
+        refuse_gpt2_variants(config, name_or_path, layer_norm_eps)
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=offline)
     except OSError as e:
+        if offline:
+            raise UsageError(f"could not load '{name_or_path}': the Hugging Face hub is unreachable and its weights "
+                             "are not in this machine's cache; download them once with a network (run this "
+                             "command online), or give a local directory made by save_pretrained: "
+                             "--init_from=path/to/folder") from e
         raise UsageError(f"could not load '{name_or_path}': the Hugging Face hub is unreachable or the "
                          f"name is wrong ({first_line(e, 100)}); a local directory made by "
                          "save_pretrained works offline") from e
@@ -77,3 +86,22 @@ def fit_pretrained(model, init_from, model_args, vocab_size, dataset):
     for key in ("n_layer", "n_head", "n_embd", "bias"):
         model_args[key] = getattr(model.config, key)
     return model
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (False at once when
+    HF_HUB_OFFLINE is set). Behind a proxy a direct connection proves nothing: then it is taken as reachable."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False

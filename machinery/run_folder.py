@@ -15,6 +15,7 @@ run that ends, or is stopped, saying what it saved and what to do next.
 import atexit
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -67,8 +68,8 @@ def end_run(iter_num, checkpoints, evals, stop, env, progress):
     eval_only = checkpoints.config["eval_only"]
     if stop.signal is not None:
         if env.master and not eval_only and os.path.exists(ckpt_path):
-            print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "
-                  f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+            print(f"stopped at iteration {iter_num}; {ckpt_path} saved. Resume with: "  # (its settings are in it)
+                  f"python train.py --init_from=resume --out_dir={shlex.quote(checkpoints.out_dir)}")
         elif env.master:  # stopped in an evaluation before any step (or in eval_only): no state worth keeping
             print(f"stopped at iteration {iter_num} with no step taken: nothing was saved; run the same command "
                   "again")

@@ -147,6 +147,8 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any
         eval_batch()  # untimed: the first call pays for allocations and kernel selection
         step_s = median_seconds(train_step) * accum_steps
         batch_s = median_seconds(eval_batch)
+        threads = torch.get_num_threads()
+        one_thread_s = on_one_thread(train_step) * accum_steps if asks_threads(threads) else None
     model.zero_grad(set_to_none=True)
     total = steps * step_s + evals * eval_batches * batch_s
     line = (f"on this CPU a step takes about {step_s * 1000:,.0f} ms (measured): {steps:,} steps and {evals} "
@@ -154,7 +156,70 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any
     if total > GPU_SIZED_SECONDS and any_device:
         line += ("; this looks like a recipe sized for a GPU: on a CPU, config/shakespeare_char_cpu.py trains "
                  "a smaller model in minutes")
-    return line
+    advice = thread_advice(step_s, one_thread_s, threads, cpu_load(), cpu_cores())
+    return f"{line}\n{advice}" if advice else line
+
+
+# One thread or all of them? On a CPU that other programs keep busy, PyTorch's threads wait for each other
+# at every operation, and a step can take many times longer than on one thread. Measured on a 2-core
+# AMD EPYC (Zen 4: lscpu family 25 model 17, AVX-512 with bfloat16), PyTorch 2.13, the CPU recipe's step
+# (4 x 4 x 128, 16 x 64 tokens, Muon: forward, backward, optimizer step), medians of 30-40 steps,
+# one thread and two interleaved (2026-12-06; load: the load average over the last minute):
+#   shared with other jobs, load 2.7-3.4, 6 runs:  1 thread 124-138 ms, 2 threads   160-510 ms (1.2x-4.1x)
+#   shared with other jobs, load 4.1:              1 thread     183 ms, 2 threads       854 ms (4.7x; worst 10 s)
+#   and one busy loop besides (load 5.9):          1 thread     427 ms, 2 threads     2,456 ms (5.7x)
+#   and two busy loops besides (load 6.7):         1 thread     416 ms, 2 threads     4,202 ms (10x)
+# A quiet run was not to be had on that machine (other jobs kept its load above 2 all session); the best steps
+# of the runs above, 72-105 ms on two threads against 109-115 ms on one, show two threads ahead whenever
+# they get both cores, as on chapter 4's nearly idle Zen 5 (46.5 ms a step on two threads).
+# So before a CPU run on several threads (and OMP_NUM_THREADS unset), how_long also times the step on one
+# thread; one line suggests OMP_NUM_THREADS=1 when one thread is ONE_THREAD_GAIN times faster, or when the
+# other processes alone keep every core busy (the load average, less our own process, at least the cores).
+ONE_THREAD_GAIN = 1.25
+
+
+def asks_threads(threads):
+    """Whether to time one thread too: the run uses several and nobody has chosen how many."""
+    return threads > 1 and "OMP_NUM_THREADS" not in os.environ
+
+
+def on_one_thread(work):
+    """median_seconds(work) with PyTorch on one thread, then its threads as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return median_seconds(work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_load():
+    """The load average over the last minute (runnable processes, ours included), or 0 where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return 0.0
+
+
+def cpu_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_advice(step_s, one_thread_s, threads, load, cores):
+    """The line suggesting OMP_NUM_THREADS=1 (see the measurements above), or '' when threads are no trouble.
+    one_thread_s: a step measured on one thread (None: not measured)."""
+    if one_thread_s is None or threads <= 1:
+        return ""
+    faster = step_s >= ONE_THREAD_GAIN * one_thread_s
+    busy = load - 1 >= cores
+    if not (faster or busy):
+        return ""
+    state = f"the CPU is busy (load average {load:.1f} on {cores} cores)"
+    if faster:
+        return (f"note: a step takes {step_s * 1000:,.0f} ms on {threads} threads but {one_thread_s * 1000:,.0f} ms "
+                f"on one here{f'; {state}' if busy else ''}: OMP_NUM_THREADS=1 python train.py ... is likely faster")
+    return (f"note: {state}: {threads} threads that wait for each other can make steps several times slower as the "
+            "run goes on; OMP_NUM_THREADS=1 python train.py ... is steadier")
 
 
 TIMED_RUNS, TIMING_BUDGET_S = 5, 2.0  # a model whose step takes seconds is timed fewer times (at least once)

@@ -88,7 +88,7 @@ def test_data_bench_reports_speed_and_memory_for_both_tokenizers():
 def test_whole_split_loss_scores_each_non_overlapping_window_once_for_both_checkpoint_kinds(tmp_path):
     from machinery.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
-    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=11)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=11, dropout=0.0)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args)).eval()
     save_checkpoint(str(tmp_path / "ours.pt"), {"model": model.state_dict()},
@@ -107,3 +107,41 @@ def test_recipe_needs_a_nanogpt_checkout_and_says_so_in_one_line(tmp_path):
     result = run_script("bench.py", "--recipe", f"--nanogpt={tmp_path}")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "is not a nanoGPT checkout" in result.stderr and "git clone https://github.com/karpathy/nanoGPT" in result.stderr
+
+
+# bench.py with tiny training shapes, stopped as by Ctrl-C when it reaches the monitor measurement
+INTERRUPTED_BENCH = """
+import os, signal, sys
+import bench
+from machinery.cli import run_cli
+bench.DEFAULT_SHAPES = [("tiny", 2, 2, 64, 32, 4), ("tiny2", 1, 2, 32, 16, 2)]
+def ctrl_c(*args):
+    os.kill(os.getpid(), signal.SIGINT)
+bench.bench_monitor = ctrl_c
+sys.argv = ["bench.py", *sys.argv[1:]]
+run_cli(bench.main, bench.INTERRUPTED)
+"""
+
+
+def test_bench_prints_each_row_as_it_is_measured_and_an_interrupt_keeps_them(tmp_path):
+    from conftest import run_script
+    wrapper = tmp_path / "interrupted_bench.py"
+    wrapper.write_text(INTERRUPTED_BENCH, encoding="utf-8")
+    result = run_script(wrapper, "--repeats=1", "--device=cpu", "--json")
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    header, tiny, tiny_json, tiny2, tiny2_json = result.stdout.splitlines()
+    assert header.startswith("device cpu | torch ") and "mfu_peak_gflops" in header
+    assert tiny.startswith("train_tokens_per_s") and " tiny " in tiny and '"shape": "tiny"' in tiny_json
+    assert " tiny2 " in tiny2 and '"shape": "tiny2"' in tiny2_json
+    *progress, last = result.stderr.strip().splitlines()
+    assert progress == ["measuring training tokens/s, tiny, fast path vs reference ...",
+                        "measuring training tokens/s, tiny2, fast path vs reference ..."]
+    assert last == f"interrupted by SIGINT; {bench.INTERRUPTED}"
+
+
+def test_rows_of_a_multi_row_measurement_are_shown_as_each_finishes(capsys):
+    shown = []
+    rows = bench.bench_generation("cpu", repeats=1, new_tokens=2, shape=TINY_SHAPE,
+                                  show=lambda row: shown.append((row["shape"], capsys.readouterr().err)))
+    assert [row["shape"] for row in rows] == [shape for shape, _ in shown]
+    assert all(err.strip() == f"measuring generation tokens/s, {shape}, KV cache vs none ..." for shape, err in shown)

@@ -209,11 +209,10 @@ def test_exported_char_model_has_our_logits_and_its_tokenizer_beside_it(tmp_path
     assert hf.config.vocab_size == len(CHARS) and hf.config.eos_token_id is None
 
 
-@pytest.mark.parametrize("case", ["bias False", "out not empty", "out is a file", "not a checkpoint",
-                                  "no tokenizer"])
+@pytest.mark.parametrize("case", ["out not empty", "out is a file", "not a checkpoint", "no tokenizer"])
 def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case):
     ckpt, out = tmp_path / "model.pt", tmp_path / "hf_model"
-    save_tiny_checkpoint(ckpt, bias=(case != "bias False"))
+    save_tiny_checkpoint(ckpt)
     if case == "out not empty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -226,8 +225,7 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case):
         del meta["tokenizer"]
         save_checkpoint(str(ckpt), {"model": tensors["model"]}, meta)
     before = sorted(os.listdir(tmp_path))
-    expected = {"bias False": "bias=False model, which Hugging Face GPT-2 cannot express",
-                "out not empty": "exists and is not empty; choose a new directory or add --force",
+    expected = {"out not empty": "exists and is not empty; choose a new directory or add --force",
                 "out is a file": "is a file; give a directory path",
                 "not a checkpoint": "is not a readable GlassGPT checkpoint",
                 "no tokenizer": "names no known tokenizer"}[case]
@@ -239,11 +237,24 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path, case):
 
 
 def test_export_cli_error_is_one_line_with_exit_2(tmp_path):
-    save_tiny_checkpoint(tmp_path / "model.pt", bias=False)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "hf_model").write_text("mine")
     result = run_script("export.py", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "hf_model")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    assert not (tmp_path / "hf_model").exists()
+    assert (tmp_path / "hf_model").read_text() == "mine"
+
+
+def test_a_bias_false_model_exports_with_zero_biases_and_the_same_logits(tmp_path):
+    ours = save_tiny_checkpoint(tmp_path / "model.pt", bias=False)
+    export.export(str(tmp_path / "model.pt"), str(tmp_path / "hf_model"))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf_model").eval()
+    biases = {k: v for k, v in hf.state_dict().items() if k.endswith(".bias") and v.dim() == 1}
+    assert len(biases) == 2 * 6 + 1 and all(not v.any() for v in biases.values())  # 6 a block, and ln_f's
+    ids = torch.randint(0, len(CHARS), (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mine, _ = ours(ids, ids)
+        assert (hf(ids).logits - mine).abs().max().item() <= 1e-5
 
 
 def test_export_force_replaces_an_earlier_export_and_nothing_else(tmp_path, capsys):

@@ -219,6 +219,53 @@ def test_train_init_from_a_variant_is_one_clear_line(char_data, tmp_path):
     assert "scale_attn_by_inverse_layer_idx is True" in line and "Traceback" not in result.stderr
 
 
+def test_a_hub_name_with_no_network_fails_at_once_in_one_whole_line(monkeypatch):
+    """No network and HF_HUB_OFFLINE unset: one failed connection, then the local cache only (no retries)."""
+    import socket
+    import transformers
+    from machinery import hf
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    tried, asked = [], []
+
+    def no_network(address, timeout=None, *args):
+        tried.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def not_cached(name, **kwargs):
+        asked.append(kwargs)
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      f"in the cached files. Check your internet connection or see how to run the library in "
+                      f"offline mode at 'https://huggingface.co/docs/transformers/installation#offline-mode'.")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(transformers.GPT2Config, "from_pretrained", not_cached)
+    with pytest.raises(UsageError) as error:
+        hf.gpt2_weights("gpt2", 1e-5)
+    assert tried == [(("huggingface.co", 443), 3.0)] and asked == [{"local_files_only": True}]
+    [line] = str(error.value).splitlines()
+    assert line.startswith("could not load 'gpt2': the Hugging Face hub is unreachable and its weights are not in")
+    assert "download them once" in line and line.endswith("--init_from=path/to/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # told so: not even one connection is tried
+    assert not hf.hub_reachable() and len(tried) == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: socket.socket())
+    assert hf.hub_reachable()
+
+
+@pytest.mark.parametrize("message, width, expected", [
+    ("short enough", 40, "short enough"),
+    ("We couldn't connect to 'https://huggingface.co' to load the files", 40, "We couldn't connect to..."),
+    ("a" * 50, 20, "a" * 17 + "..."),  # one word longer than the width: cut inside it, marked
+    ("first line\nsecond line", 40, "first line"),
+    ("cut (right after a bracket", 12, "cut..."),
+])
+def test_a_cut_message_ends_at_a_word_and_says_it_was_cut(message, width, expected):
+    from machinery.cli import first_line
+    assert first_line(ValueError(message), width) == expected
+    assert len(first_line(ValueError(message), width)) <= width
+
+
 # ---- 5. MFU: one peak per machine --------------------------------------------------------------------
 
 
@@ -400,6 +447,45 @@ def test_how_long_counts_steps_and_evaluations_and_flags_gpu_sized_runs():
     assert "sized for a GPU" not in asked_for_cpu
 
 
+# the CPU recipe's step, measured on a 2-core Zen 4 (machinery/speed.py: ONE_THREAD_GAIN has the table)
+@pytest.mark.parametrize("step_ms, one_thread_ms, load, says", [
+    (854, 183, 4.1, "a step takes 854 ms on 2 threads but 183 ms on one here; the CPU is busy (load average 4.1"),
+    (2456, 427, 1.0, "a step takes 2,456 ms on 2 threads but 427 ms on one here: OMP_NUM_THREADS=1 python"),
+    (90, 100, 3.5, "note: the CPU is busy (load average 3.5 on 2 cores): 2 threads that wait for each other"),
+    (91, 114, 0.4, None),  # two threads with both cores (the best steps measured): nothing is said
+    (100, 90, 0.4, None),  # within the noise of one thread: nothing is said
+])
+def test_a_step_far_slower_than_on_one_thread_or_a_busy_cpu_suggests_omp_num_threads_1(step_ms, one_thread_ms,
+                                                                                          load, says):
+    advice = speed.thread_advice(step_ms / 1000, one_thread_ms / 1000, 2, load, 2)
+    if says is None:
+        assert advice == ""
+    else:
+        assert says in advice and "OMP_NUM_THREADS=1" in advice and "\n" not in advice
+    assert speed.thread_advice(step_ms / 1000, None, 2, load, 2) == ""  # one thread not timed: OMP_NUM_THREADS set
+    assert speed.thread_advice(step_ms / 1000, one_thread_ms / 1000, 1, load, 2) == ""  # a run on one thread
+
+
+def test_how_long_times_one_thread_too_unless_the_threads_were_chosen(monkeypatch):
+    """The timings are injected: the default threads' step 854 ms, one thread's 183 ms (a busy 2-core CPU)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10))
+    X = torch.zeros(2, 4, dtype=torch.long)
+    threads = [2]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(speed, "median_seconds", lambda work: 0.854 if threads[-1] == 2 else 0.183)
+    monkeypatch.setattr(speed, "cpu_load", lambda: 1.2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    line, advice = speed.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2,
+                                  any_device=False).splitlines()
+    assert line.startswith("on this CPU a step takes about 854 ms")
+    assert advice.startswith("note: a step takes 854 ms on 2 threads but 183 ms on one here: OMP_NUM_THREADS=1")
+    assert threads == [2, 1, 2]  # one thread for the timing, then as before
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # chosen: neither timed nor questioned
+    assert "\n" not in speed.how_long(model, X, X, nullcontext(), 1, steps=10, evals=1, eval_batches=2,
+                                      any_device=False)
+
+
 @pytest.mark.slow
 def test_gpu_recipe_on_a_cpu_points_to_the_cpu_recipe_before_its_first_eval(char_data, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # device='auto' finds no GPU, as on a laptop
@@ -422,6 +508,66 @@ def one_error_line(result, expected):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line
+
+
+def saved_run(tmp_path, **config):
+    """A run folder whose ckpt.pt holds train.py's defaults overlaid with config (and that model shape)."""
+    from machinery.checkpoint import save_checkpoint
+    from machinery.configurator import train_defaults
+    config = {**train_defaults(), **config}
+    model_args = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")}
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint(str(out / "ckpt.pt"), {"model": {}}, {"model_args": {**model_args, "vocab_size": 65},
+                                                          "config": config, "iter_num": 7, "best_val_loss": 2.0})
+    return out
+
+
+def test_a_resumed_run_takes_its_checkpoints_settings_as_defaults_then_files_and_flags_on_top(tmp_path):
+    from machinery.configurator import load_train_config, train_defaults
+    defaults = train_defaults()
+    out = saved_run(tmp_path, n_layer=3, n_head=2, n_embd=64, block_size=48, optimizer="muon", max_iters=450,
+                    learning_rate=1e-2, dataset="tiny", data_dir="elsewhere", eval_only=True, inspect=True,
+                    out_dir="moved-from-here", replace_earlier_run=True, device="cpu")
+    resumed = load_train_config(defaults, ["--init_from=resume", f"--out_dir={out}"])
+    assert {k: resumed[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "optimizer", "max_iters",
+                                    "learning_rate", "dataset", "data_dir", "device")} == \
+        dict(n_layer=3, n_head=2, n_embd=64, block_size=48, optimizer="muon", max_iters=450, learning_rate=1e-2,
+             dataset="tiny", data_dir="elsewhere", device="cpu")
+    # where and how this command runs is its own: never the checkpoint's
+    assert (resumed["out_dir"], resumed["init_from"], resumed["eval_only"], resumed["inspect"],
+            resumed["replace_earlier_run"]) == (str(out), "resume", False, False, False)
+    config_file = tmp_path / "recipe.py"
+    config_file.write_text(f"out_dir = {str(out)!r}\nmax_iters = 900\nlearning_rate = 5e-3\n", encoding="utf-8")
+    on_top = load_train_config(defaults, [str(config_file), "--init_from=resume", "--max_iters=1000"])
+    assert (on_top["max_iters"], on_top["learning_rate"], on_top["n_layer"]) == (1000, 5e-3, 3)  # flag > file > ckpt
+    assert load_train_config(defaults, [f"--out_dir={out}"])["n_layer"] == defaults["n_layer"]  # a new run: defaults
+
+
+def test_a_checkpoints_unknown_or_mistyped_settings_are_left_at_their_defaults(tmp_path):
+    from machinery.configurator import load_train_config, train_defaults
+    defaults = train_defaults()
+    out = saved_run(tmp_path, no_such_setting=3, max_iters="many", optimizer="muon")
+    resumed = load_train_config(defaults, ["--init_from=resume", f"--out_dir={out}"])
+    assert resumed["max_iters"] == defaults["max_iters"] and resumed["optimizer"] == "muon"
+    assert "no_such_setting" not in resumed
+
+
+def test_resume_with_another_optimizer_or_shape_or_without_a_checkpoint_is_one_line(tmp_path):
+    from machinery.checkpoint import check_resumable, load_checkpoint
+    from machinery.configurator import load_train_config, train_defaults
+    defaults = train_defaults()
+    out = saved_run(tmp_path, optimizer="muon", n_layer=2, n_head=2, n_embd=32)
+    _, meta = load_checkpoint(str(out / "ckpt.pt"))
+    for flags, expected in ((["--optimizer=adamw"], "cannot resume: optimizer is adamw in this config but muon in "),
+                            (["--n_layer=3"], "cannot resume: n_layer is 3 in this config but 2 in ")):
+        config = load_train_config(defaults, ["--init_from=resume", f"--out_dir={out}", *flags])
+        model_args = {**{k: config[k] for k in meta["model_args"] if k != "vocab_size"}, "vocab_size": 65}
+        with pytest.raises(UsageError, match=expected):
+            check_resumable(meta, str(out / "ckpt.pt"), config, model_args, None, master=True)
+    with pytest.raises(UsageError, match=r"cannot resume: checkpoint '.*ckpt.pt' not found; name the run's folder"):
+        load_train_config(defaults, ["--init_from=resume", f"--out_dir={tmp_path / 'no-run'}"])
+    assert not (tmp_path / "no-run").exists()
 
 
 @pytest.mark.slow

@@ -165,3 +165,13 @@ def test_float16_steps_go_through_the_grad_scaler_which_skips_an_overflowed_one(
     assert all(e["loss_scale"] is not None for e in train)
     assert train[3]["loss_scale"] < train[1]["loss_scale"]  # halved after the overflow
     assert "non-finite" not in result.stdout
+
+
+def test_nan_guard_reads_its_flag_on_the_host_where_the_optimizer_cannot_skip_on_its_own(char_data, tmp_path):
+    """Muon on a CPU takes its plain step (bit for bit), so there the guard reads its flag on the host and the
+    loop takes no step at all: a poisoned step never reaches the weights, and three in a row stop the run."""
+    out = tmp_path / "out"
+    result, steps = probed_run(char_data, out, "--max_iters=6", "--optimizer=muon", "--max_bad_steps=3", poison="2",
+                               check=False)
+    assert steps and all(math.isfinite(s["weights_after"]) for s in steps), steps
+    assert result.returncode == 3 and "non-finite gradient" in result.stdout, result.stdout + result.stderr

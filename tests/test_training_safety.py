@@ -57,6 +57,51 @@ def test_resume_refuses_a_different_model_shape(trained_run):
     assert result.returncode == 2 and "cannot resume: n_embd is 64" in result.stderr
 
 
+# run as `python stop_after_step.py train.py args...`: train.py, stopped as by Ctrl-C right after step STOP_AFTER_STEP
+STOP_AFTER_STEP = """
+import os, runpy, signal, sys
+from machinery import metrics
+real_log_step = metrics.MetricsLog.log_step
+def log_step(self, iter_num, *args):
+    real_log_step(self, iter_num, *args)
+    if iter_num == int(os.environ["STOP_AFTER_STEP"]):
+        os.kill(os.getpid(), signal.SIGINT)  # the run stops after this step and saves ckpt.pt
+metrics.MetricsLog.log_step = log_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_stopped_run_resumes_from_its_folder_alone_to_where_an_unbroken_run_ends(char_data, tmp_path, optimizer):
+    """--init_from=resume --out_dir=RUN, with no config and no other flag: the checkpoint's own settings
+    (shape, optimizer, schedule, data) continue the run bit for bit; another optimizer is one line."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    settings = ["--max_iters=12", "--eval_interval=5", f"--optimizer={optimizer}", "--weight_decay=0.05"]
+    run_script("train.py", *train_args(char_data, straight, *settings), check=True)
+    wrapper = tmp_path / "stop_after_step.py"
+    wrapper.write_text(STOP_AFTER_STEP, encoding="utf-8")
+    stopped = run_script(wrapper, os.path.join(ROOT, "train.py"), *train_args(char_data, split, *settings),
+                         env={"STOP_AFTER_STEP": "7"})
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr
+    assert load_checkpoint(split / "ckpt.pt")[1]["iter_num"] == 7
+    resumed = run_script("train.py", "--init_from=resume", f"--out_dir={split}", check=True)
+    assert "changed from" not in resumed.stdout and "iter 12:" in resumed.stdout
+    a, _ = load_checkpoint(straight / "ckpt.pt")
+    b, meta = load_checkpoint(split / "ckpt.pt")
+    assert meta["iter_num"] == 12 and meta["config"]["optimizer"] == optimizer
+    assert all(torch.equal(tensor, b["model"][name]) for name, tensor in a["model"].items())
+    assert losses(straight) == losses(split)
+    other = "adamw" if optimizer == "muon" else "muon"
+    before = sha(split / "ckpt.pt")
+    refused = run_script("train.py", "--init_from=resume", f"--out_dir={split}", f"--optimizer={other}",
+                         "--max_iters=20")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert f"cannot resume: optimizer is {other} in this config but {optimizer} in {split / 'ckpt.pt'}" in line
+    assert f"resume with --optimizer={optimizer}" in line and sha(split / "ckpt.pt") == before
+
+
 def read_until(process, text):
     """Read the child's stdout line by line until a line contains text (no sleeping, no timing)."""
     seen = []
