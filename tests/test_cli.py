@@ -249,11 +249,12 @@ def test_ctrl_c_in_export_leaves_the_earlier_export_and_no_temporary_folder(trai
     out, _ = trained_run
     hf = tmp_path / "hf_model"
     hf.mkdir()
+    (hf / "config.json").write_text("{}")  # an earlier export, which --force may replace
     (hf / "mine.txt").write_text("an earlier export")
     result = subprocess.run([sys.executable, "-c", EXPORT_INTERRUPTED, "--ckpt", str(out), "--out", str(hf), "--force"],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 130 and "interrupted by SIGINT" in result.stderr and "Traceback" not in result.stderr
-    assert os.listdir(tmp_path) == ["hf_model"] and os.listdir(hf) == ["mine.txt"]
+    assert os.listdir(tmp_path) == ["hf_model"] and sorted(os.listdir(hf)) == ["config.json", "mine.txt"]
 
 
 # ---- generate.py: a run folder, --interactive --------------------------------------------------------
