@@ -47,7 +47,7 @@ def parse_value(text):
 
 def check_type(key, value, default, source):
     """Return value if it has the default's type (an int is accepted where a float is expected)."""
-    if default is None or value is None or (default == "auto" and isinstance(value, bool)):
+    if default is None or (default == "auto" and isinstance(value, bool)):
         return value  # an 'auto' setting also takes an explicit True/False
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
