@@ -228,8 +228,11 @@ class Checkpoints:
                 save_checkpoint(os.path.join(self.out_dir, "ckpt.pt"), tensors, ckpt_meta)
 
     def restore(self, ckpt):
-        """The optimizer, scaler and random states of a checkpoint being resumed."""
+        """The optimizer, scaler and random states of a checkpoint being resumed (a nanoGPT checkpoint holds
+        only its AdamW's state: machinery/nanogpt.py: resume_optimizer)."""
         from machinery import distributed
+        if "optimizers" not in ckpt:
+            return nanogpt.resume_optimizer(ckpt, self.optimizers, self.env.master)
         distributed.load_optimizer_states(self.model, self.optimizers, ckpt["optimizers"], self.env.fsdp)
         self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, self.batches.rng)

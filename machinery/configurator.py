@@ -109,8 +109,9 @@ def resumed_settings(defaults, out_dir):
     saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     shape = {k: v for k, v in meta["model_args"].items() if k != "vocab_size"}  # (the dataset gives the vocabulary)
     settings = dict(defaults)
+    kept = NOT_RESUMED + (nanogpt.MACHINE_SETTINGS if meta.get("nanogpt") else ())
     for key, value in {**saved, **shape}.items():
-        if key in defaults and key not in NOT_RESUMED:
+        if key in defaults and key not in kept:
             try:
                 settings[key] = check_type(key, value, defaults[key], path)
             except UsageError:

@@ -44,6 +44,10 @@ SAMPLE_FLAGS = {  # sample.py's flags that generate.py spells otherwise (its oth
                  "--compile=False)",
 }
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
+# what nanoGPT's config holds resolved for the machine it ran on (its dtype: 'float16' on a GPU without
+# bfloat16, say): a resumed run takes this machine's own defaults instead ('auto')
+MACHINE_SETTINGS = ("device", "dtype", "compile", "backend")
+SAID = set()  # the checkpoints whose one line was said
 COMPILED = "_orig_mod."  # torch.compile's wrapper puts this before every key of the state dict
 META_PKL_LIMIT = 16 << 20  # bytes: a char vocabulary's meta.pkl is a few kB
 GPT2_VOCAB = 50257  # without a meta.pkl, nanoGPT's sample.py takes GPT-2's tokenizer (50257, or 50304 padded)
@@ -89,8 +93,10 @@ def converted(payload, path):
             "best_val_loss": best, "dataset": config.get("dataset"), "evaluated": True, "nanogpt": True,
             "tokenizer": description}
     tensors = {"model": state, **({"optimizer": payload["optimizer"]} if "optimizer" in payload else {})}
-    print(f"{path}: a nanoGPT checkpoint (iteration {payload['iter_num']}, {source}); it computes here with the "
-          f"tanh GELU, not nanoGPT's exact one{gelu_gap(state, args)}", file=sys.stderr)
+    if path not in SAID:  # (once a process: a resumed run reads the file for its settings, then its weights)
+        SAID.add(path)
+        print(f"{path}: a nanoGPT checkpoint (iteration {payload['iter_num']}, {source}); it computes here with the "
+              f"tanh GELU, not nanoGPT's exact one{gelu_gap(state, args)}", file=sys.stderr)
     return tensors, meta
 
 
@@ -218,3 +224,25 @@ def reference_logits(state, args, idx, gelu="none"):
         x = x + linear(y, h + "attn.c_proj")
         x = x + linear(F.gelu(linear(ln(x, h + "ln_2"), h + "mlp.c_fc"), approximate=gelu), h + "mlp.c_proj")
     return F.linear(ln(x, "transformer.ln_f"), w("lm_head.weight"))
+
+
+def resume_optimizer(ckpt, optimizers, master):
+    """On resuming a nanoGPT run: its AdamW's state goes to ours where it fits (one AdamW, the same parameter
+    groups: weight decay on the matrices, as nanoGPT's configure_optimizers splits them, in the same order and
+    shapes), else the optimizer starts fresh; either way one line says so. nanoGPT saves no random states, so
+    the run goes on from the checkpoint's iteration, but not bit for bit as it would have."""
+    saved = ckpt.get("optimizer")
+    fits = saved is not None and len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW)
+    if fits:
+        ours = optimizers[0].state_dict()
+        params = [p for group in optimizers[0].param_groups for p in group["params"]]
+        fits = [len(g["params"]) for g in ours["param_groups"]] == [len(g["params"]) for g in saved["param_groups"]] \
+            and all(tuple(saved["state"][i]["exp_avg"].shape) == tuple(p.shape) for i, p in enumerate(params)
+                    if i in saved["state"])
+    if fits:
+        ours["state"] = saved["state"]  # (the groups keep our settings: fused, the learning rate of this run)
+        optimizers[0].load_state_dict(ours)
+    if master:
+        print("resume: a nanoGPT checkpoint: " + ("its AdamW state is taken over" if fits else
+                                                   "its optimizer state does not fit this optimizer, which starts fresh")
+              + "; it saved no random states, so the batches and dropout go on from a new draw")

@@ -239,3 +239,32 @@ def test_the_readme_section_shows_every_name_the_errors_map():
     for theirs, ours in nanogpt.NAMES.items():
         assert theirs in section and ours.replace(" <out_dir>", "") in section, theirs
     assert all(flag.removeprefix("--") in section for flag in nanogpt.SAMPLE_FLAGS)
+
+
+@pytest.mark.parametrize("optimizer, taken", [("adamw", "its AdamW state is taken over"),
+                                              ("muon", "does not fit this optimizer, which starts fresh")])
+def test_train_resumes_a_nanogpt_run_from_its_folder_with_its_adamw_state(char_data, tmp_path, optimizer, taken):
+    """nanoGPT's ckpt.pt holds one AdamW over two groups (weight decay on the matrices) in the order of
+    named_parameters, as ours: its state is taken over, and the run goes on from iteration 20 in our format."""
+    from model import GPT, GPTConfig
+    run = tmp_path / "out-nano"
+    state, args = save_nanogpt_checkpoint(str(run / "ckpt.pt"))
+    model = GPT(GPTConfig(**args))
+    model.load_state_dict(state)
+    params = [p for p in model.parameters()]
+    adamw = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    adamw.step()  # a real state: step, exp_avg, exp_avg_sq for every parameter
+    payload = torch.load(run / "ckpt.pt", weights_only=True)
+    payload["optimizer"] = adamw.state_dict()
+    payload["config"].update(dataset="tiny", batch_size=4)
+    torch.save(payload, run / "ckpt.pt")
+    write_meta_pkl(run / "meta.pkl")
+    result = run_script("train.py", "--init_from=resume", f"--out_dir={run}", f"--data_dir={char_data}",
+                        "--max_iters=24", "--eval_interval=4", "--eval_iters=2", "--log_interval=1",
+                        f"--optimizer={optimizer}", "--compile=False")
+    assert result.returncode == 0, result.stderr
+    assert taken in result.stdout and "iter 21: loss" in result.stdout and "eval 24:" in result.stdout
+    tensors, meta = load_checkpoint(str(run / "ckpt.pt"))
+    assert meta["iter_num"] == 24 and "optimizers" in tensors  # our format from here on
