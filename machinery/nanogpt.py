@@ -242,7 +242,8 @@ def resume_optimizer(ckpt, optimizers, master):
     if fits:
         ours["state"] = saved["state"]  # (the groups keep our settings: fused, the learning rate of this run)
         optimizers[0].load_state_dict(ours)
+    taken = "its AdamW state is taken over" if fits else \
+        "its optimizer state does not fit this optimizer, which starts fresh"
     if master:
-        print("resume: a nanoGPT checkpoint: " + ("its AdamW state is taken over" if fits else
-                                                   "its optimizer state does not fit this optimizer, which starts fresh")
-              + "; it saved no random states, so the batches and dropout go on from a new draw")
+        print(f"resume: a nanoGPT checkpoint: {taken}; it saved no random states, so the batches and dropout go "
+              "on from a new draw")
