@@ -169,9 +169,10 @@ def how_long(model, X, Y, autocast, accum_steps, steps, evals, eval_batches, any
 #   shared with other jobs, load 4.1:              1 thread     183 ms, 2 threads       854 ms (4.7x; worst 10 s)
 #   and one busy loop besides (load 5.9):          1 thread     427 ms, 2 threads     2,456 ms (5.7x)
 #   and two busy loops besides (load 6.7):         1 thread     416 ms, 2 threads     4,202 ms (10x)
-# A quiet run was not to be had on that machine (other jobs kept its load above 2 all session); the best steps
-# of the runs above, 72-105 ms on two threads against 109-115 ms on one, show two threads ahead whenever
-# they get both cores, as on chapter 4's nearly idle Zen 5 (46.5 ms a step on two threads).
+#   the machine to itself (no other job; later that day), 80-step runs, the last 6 logged steps:
+#                                                  1 thread 108-115 ms, 2 threads     69-73 ms (0.63x)
+# Two threads are ahead whenever they get both cores, as on chapter 4's nearly idle Zen 5 (46.5 ms a step on
+# two threads); one thread wins by 1.2x to 10x once other programs take the cores.
 # So before a CPU run on several threads (and OMP_NUM_THREADS unset), how_long also times the step on one
 # thread; one line suggests OMP_NUM_THREADS=1 when one thread is ONE_THREAD_GAIN times faster, or when the
 # other processes alone keep every core busy (the load average, less our own process, at least the cores).
