@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from generate import model_from_checkpoint
 from machinery.checkpoint import in_run_folder
-from machinery.checks import pathname, writable_folder
+from machinery.checks import pathname, shown, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import remove_leftovers, writing
 from machinery.gpt2_bpe import gpt2_hf_tokenizer
@@ -79,7 +79,7 @@ def check_out_dir(out, force, ckpt_path):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{out}' is a file; give a directory path")
     writable_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
-    if os.path.abspath(out) != os.fsencode(os.path.abspath(out)).decode("utf-8", "replace"):
+    if os.path.abspath(out) != shown(os.path.abspath(out)):
         raise UsageError(f"--out '{out}' is not a UTF-8 path, and the Hugging Face libraries write only "
                          "those; choose another --out")
     holds = lambda folder, path: os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) == \
@@ -96,8 +96,8 @@ def check_out_dir(out, force, ckpt_path):
             raise UsageError(f"--out '{out}' holds files but no earlier export (no config.json), so --force "
                              "will not replace it; choose a new directory for --out")
         names = sorted(os.listdir(out))
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        print(f"--force: {out} will be replaced; its {len(names)} entries ({shown}) are deleted once the "
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"--force: {out} will be replaced; its {len(names)} entries ({listed}) are deleted once the "
               "export is written")
 
 

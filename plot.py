@@ -13,7 +13,7 @@ import json
 import math
 import os
 
-from machinery.checks import pathname, writable_folder
+from machinery.checks import pathname, shown, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import atomic_write, writing
 
@@ -59,7 +59,6 @@ def is_number(value):
 
 def run_names(out_dirs):
     """Legend names: each folder's own name, or the path as given when two names collide."""
-    shown = lambda path: os.fsencode(path).decode("utf-8", "replace")  # a name need not be UTF-8 on Linux
     names = [shown(os.path.basename(os.path.normpath(d))) for d in out_dirs]
     if len(set(names)) < len(names):
         return [shown(os.path.normpath(d)) for d in out_dirs]

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from machinery import nanogpt
-from machinery.checks import fields
+from machinery.checks import fields, shown
 from machinery.cli import UsageError, first_line
 from machinery.faults import atomic_write, writing
 
@@ -104,7 +104,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         # mmap: tensors are read from disk only when used (sampling never touches the optimizer state);
         # PyTorch opens a path as UTF-8, so a name that is not (Linux allows it) is read through a file
-        if path == os.fsencode(path).decode("utf-8", "replace"):
+        if path == shown(path):
             payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         else:
             with open(path, "rb") as f:

@@ -123,6 +123,12 @@ def folder_name(name, what="--name"):
     return name
 
 
+def shown(path):
+    """A path as UTF-8 text: the same string when it is UTF-8, else with its other bytes replaced (Linux
+    allows any bytes in a name; PyTorch, the Hugging Face libraries and fonts take only UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def read_utf8(path, what):
     """The text of a file that must be UTF-8, or one UsageError naming the file."""
     try:
