@@ -1,5 +1,5 @@
-# The GPU recipe: a 10.7M-parameter character-level Shakespeare model (about 1.46 val loss on the whole
-# val split). nanoGPT's recipe runs 5000 steps, but its model overfits after about 1750 of them at that
+# The GPU recipe: a 10.7M-parameter character-level Shakespeare model (its one measured run, on an H200,
+# ended at a val loss of 1.4437 on the whole val split: README, Speed). nanoGPT's recipe runs 5000 steps, but its model overfits after about 1750 of them at that
 # learning rate; here the cosine decays to min_lr by step 2000 instead, so the last steps anneal rather
 # than overfit, and the run takes well under half the time.
 out_dir = "out-shakespeare-char"

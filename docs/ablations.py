@@ -8,6 +8,8 @@ train.py builds in place of GPT), and train.py's own loop trains and evaluates i
     python docs/ablations.py no_mlp --max_iters=200    # any other flag goes to train.py, after the recipe
     python docs/ablations.py bigram                    # the floor: the next token from the current one alone
     python docs/ablations.py --report out-ablations/* --out docs/img/ablations.png   # table and bar chart
+    python docs/ablations.py none --without_bf16       # as on a CPU without bfloat16 instructions (chapter 8's)
+    python docs/ablations.py --report out-ablations/* --record ablations-zen4   # and that record
 
 Each run writes its folder (out-ablations/<name> unless --out_dir says otherwise) with train.py's usual
 files plus ablation.json: the name, the final val loss, the parameter count, the command and a sample.
@@ -27,13 +29,15 @@ quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the i
 import torch
 import torch.nn as nn
 
-from machinery import configurator
+from machinery import configurator, devices
 import train
 from machinery.checkpoint import load_checkpoint
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from data import tokenizer_from
 from machinery.faults import atomic_write
 from model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # record.py sits beside this file
+from record import write_record  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "config", "shakespeare_char_cpu.py")
 
@@ -132,6 +136,11 @@ ABLATIONS = {
 }
 
 
+# what chapter 8 says of a rerun of its table (python docs/ablations.py --report ... --record ablations-zen4)
+RERUN_QUOTED = [("docs/en/08-ablations.md", "every loss came out within {largest_difference:.3f} of the table's"),
+                ("docs/zh/08-ablations.md", "每个损失与表中的相差都不超过 {largest_difference:.3f}")]
+
+
 def ablated_gpt(switch):
     """A GPT class that applies `switch` to each model it builds; train.py builds it in place of GPT."""
     class AblatedGPT(GPT):
@@ -186,10 +195,11 @@ def sample(model, tokenizer, prompt="ROMEO:", tokens=200, seed=1337):
     return tokenizer.decode(out[0].tolist())
 
 
-def run_one(name, train_args):
+def run_one(name, train_args, shown_args):
+    """Train one ablation and write its ablation.json; shown_args: its command's words after the name."""
     config = train_ablation(name, train_args)
     model, tokenizer = load_ablated(name, config["out_dir"])
-    record_run("ablation", name, model, tokenizer, config["out_dir"], "ablations.py", train_args)
+    record_run("ablation", name, model, tokenizer, config["out_dir"], "ablations.py", shown_args)
 
 
 def record_run(kind, name, model, tokenizer, out_dir, script, train_args):
@@ -214,10 +224,15 @@ def read_records(folders, kind, script, argument):
     return results
 
 
-def report(folders, out):
-    """A markdown table on stdout and a bar chart in `out`: each ablation's loss against the full model's."""
+def report(folders, out, record=None):
+    """A markdown table on stdout and a bar chart in `out`: each ablation's loss against the full model's;
+    with `record`, also records/<record>.json, whose rows chapter 8's table quotes (EN and ZH)."""
     results = read_records(folders, "ablation", "ablations.py", "name")
     full = next((r["val_loss"] for r in results if r["ablation"] == "none"), None)
+    if record:
+        write_table_record(record, "ablation", results, "ablations", RERUN_QUOTED, "ablations.py", folders,
+                           "chapter 8's ablations rerun: the CPU recipe with one piece taken away, whole-split val "
+                           "loss, against the table of records/ablations.json")
     print("| taken away | parameters | val loss | change |")
     print("|---|---|---|---|")
     for r in sorted(results, key=lambda r: r["val_loss"]):
@@ -244,6 +259,34 @@ def report(folders, out):
     print(f"wrote {out}")
 
 
+def write_table_record(record, kind, results, against, quoted, script, folders, what):
+    """records/<record>.json from finished runs: each run's parameters and val loss, and the largest difference
+    from the table that records/<against>.json holds (the docs' table, measured on another machine), which
+    the `quoted` texts [(doc, text)] quote (docs/buildup.py too). The command names the runs' own commands."""
+    with open(os.path.join(ROOT, "records", f"{against}.json"), encoding="utf-8") as f:
+        table = json.load(f)["data"]["rows"]
+    rows = {r[kind]: {"params": r["params"], "val_loss": round(r["val_loss"], 4)} for r in results}
+    missing = sorted(set(table) - set(rows))
+    if missing:
+        raise UsageError(f"no run folder for {', '.join(missing)} of records/{against}.json; run them first")
+    differences = {name: abs(rows[name]["val_loss"] - table[name]["val_loss"]) for name in table}
+    order = sorted(differences, key=differences.get, reverse=True)
+    data = {"rows": rows, "against": against, "differences": {name: round(differences[name], 4) for name in order},
+            "largest_at": order[0], "largest_difference": round(differences[order[0]], 4),
+            "next_largest_difference": round(differences[order[1]], 4) if len(order) > 1 else 0.0,
+            "same_params": all(rows[name]["params"] == table[name]["params"] for name in table)}
+    runs = "; ".join(r["command"] for r in results)
+    write_record(record, what, f"{runs}; python docs/{script} --report {' '.join(folders)} --record {record}",
+                 data, [{"doc": doc, "text": text} for doc, text in quoted])
+
+
+def without_bf16():
+    """Run as a CPU without bfloat16 instructions does: Muon's Newton-Schulz steps in float32 (the model is
+    float32 at 128 wide on any CPU). The docs' ablations and stages were measured on such a CPU (a Zen 3);
+    this reproduces their losses on one with bfloat16 instructions."""
+    devices.cpu_has_bf16 = lambda: False
+
+
 def check_png(out):
     """--report's chart is a picture file: say so before any run is read (docs/buildup.py too)."""
     if not out.endswith(".png"):
@@ -262,12 +305,17 @@ def main():
     parser.add_argument("ablation", nargs="?", help=f"one of: {', '.join(ABLATIONS)}")
     parser.add_argument("--report", nargs="+", metavar="run_folder", help="table and chart of finished runs")
     parser.add_argument("--out", default="ablations.png", help="the chart --report writes (a .png)")
+    parser.add_argument("--record", metavar="name", help="with --report: also write records/<name>.json")
+    parser.add_argument("--without_bf16", action="store_true",
+                        help="Muon's Newton-Schulz steps in float32, as on a CPU without bfloat16 instructions")
     args, train_args = parser.parse_known_args()
     if args.report:
         check_png(args.out)
-        report(args.report, args.out)
+        report(args.report, args.out, args.record)
     elif args.ablation in ABLATIONS:
-        run_one(args.ablation, train_args)
+        if args.without_bf16:
+            without_bf16()
+        run_one(args.ablation, train_args, (["--without_bf16"] if args.without_bf16 else []) + train_args)
     else:
         raise unknown("ablation", args.ablation, ABLATIONS)
 

@@ -9,14 +9,19 @@ it is), and scored on the whole val split.
     python docs/buildup.py --report out-buildup/* --out docs/img/buildup.png   # table and line chart
     python docs/buildup.py --head out-buildup/position     # one head's q . k scores and weights on a real line
     python docs/buildup.py --unigram data/shakespeare_char/input.txt   # the loss of character frequencies alone
+    python docs/buildup.py position --without_bf16      # as on a CPU without bfloat16 instructions (chapter 10's)
+    python docs/buildup.py --report out-buildup/* --record buildup-zen4   # and that record
+    python docs/buildup.py --bigram out-buildup/bigram  # what the bigram stage learnt (records/bigram.json)
 
 Each run writes its folder (out-buildup/<stage> unless --out_dir says otherwise) with train.py's usual
 files plus stage.json: the stage, the final val loss, the parameter count, the command and a sample.
 """
 
 import collections
+import json
 import math
 import os
+import string
 import sys
 import types
 
@@ -28,6 +33,7 @@ import torch.nn as nn
 import ablations
 from ablations import UsageError, run_cli
 from machinery.preparation import TRAIN_FRACTION
+from record import write_record
 
 # stage -> what it adds; each stage has every piece of the stages above it
 STAGES = {
@@ -43,6 +49,9 @@ STAGES = {
     "dropout": "dropout 0.1",
 }
 DROPOUT = 0.1
+# what chapter 10 says of a rerun of its table (python docs/buildup.py --report ... --record buildup-zen4)
+RERUN_QUOTED = [("docs/en/10-build-up.md", "every loss came out within {largest_difference:.3f} of the table's"),
+                ("docs/zh/10-build-up.md", "每个损失与表中的相差都不超过 {largest_difference:.3f}")]
 LINE = "Before we proceed any further, hear me speak."  # the second line of tiny Shakespeare
 
 
@@ -124,10 +133,11 @@ def load_stage(stage, out_dir):
     return model.eval(), ablations.tokenizer_from(meta["tokenizer"])
 
 
-def run_stage(stage, train_args):
+def run_stage(stage, train_args, shown_args):
+    """Train one stage and write its stage.json; shown_args: its command's words after the stage."""
     config = ablations.train_switched(stage_switch(stage), stage_flags(stage), train_args, f"out-buildup/{stage}")
     model, tokenizer = load_stage(stage, config["out_dir"])
-    ablations.record_run("stage", stage, model, tokenizer, config["out_dir"], "buildup.py", train_args)
+    ablations.record_run("stage", stage, model, tokenizer, config["out_dir"], "buildup.py", shown_args)
 
 
 def read_stages(folders):
@@ -135,9 +145,14 @@ def read_stages(folders):
     return sorted(results, key=lambda r: list(STAGES).index(r["stage"]))
 
 
-def report(folders, out):
-    """A markdown table on stdout and a line chart in `out`: the val loss after each stage."""
+def report(folders, out, record=None):
+    """A markdown table on stdout and a line chart in `out`: the val loss after each stage; with `record`, also
+    records/<record>.json, whose rows chapter 10's table quotes (EN and ZH)."""
     results = read_stages(folders)
+    if record:
+        ablations.write_table_record(record, "stage", results, "buildup", RERUN_QUOTED, "buildup.py", folders,
+                                     "chapter 10's stages rerun, from a bigram to the CPU recipe's GPT, whole-split "
+                                     "val loss, against the table of records/buildup.json")
     print("| stage | adds | parameters | val loss | change |")
     print("|---|---|---|---|---|")
     previous = None
@@ -200,6 +215,35 @@ def show_head(out_dir, line, query, head=0):
     print(f"positions alone: mean weight at offset 1 {alone.diagonal(-1).mean():.3f}")
 
 
+@torch.no_grad()
+def bigram_probabilities(out_dir, record=None):
+    """What the bigram stage's table says follows a character (10.3.1): its next-character probabilities,
+    the same at every position since its logits depend on the current character alone."""
+    model, tokenizer = load_stage("bigram", out_dir)
+    vocab = model.config.vocab_size
+    probs = torch.softmax(model(torch.arange(vocab).view(vocab, 1))[0][:, -1, :], dim=-1)  # (V, V): row = current
+    p = lambda a, chars: sum(probs[tokenizer.encode(a)[0], tokenizer.encode(c)[0]].item() for c in chars)
+    top = lambda a: tokenizer.decode([int(probs[tokenizer.encode(a)[0]].argmax())])
+    vowels = {c: round(p(c, "aeiou"), 4) for c in "bhv"}
+    data = {"newline_capital": p("\n", string.ascii_uppercase), "newline_newline": p("\n", "\n"),
+            "q_u": p("q", "u"), "vowel_after": vowels, "vowel_min": min(vowels.values()),
+            "vowel_max": max(vowels.values()), "first_guess": {c: top(c) for c in "dr"}}
+    print(json.dumps(data, indent=1))
+    if not all(guess == " " for guess in data["first_guess"].values()):
+        print("note: after d or r the first guess is not a space")
+    if record:
+        quoted = [{"doc": f"docs/{lang}/10-build-up.md", "text": text} for lang, text in (
+            ("en", "it puts {newline_capital:.2f} of the probability on a capital (and {newline_newline:.2f} on a "
+                   "second newline), after `q` {q_u:.2f} on `u`, after `b`, `h` or `v` from {vowel_min:.2f} to "
+                   "{vowel_max:.2f} on a vowel"),
+            ("zh", "它把 {newline_capital:.2f} 的概率给大写字母（另有 {newline_newline:.2f} 给又一个换行）；`q` 之后，"
+                   "{q_u:.2f} 给 `u`；`b`、`h` 或 `v` 之后，{vowel_min:.2f} 到 {vowel_max:.2f} 给元音"))]
+        write_record(record, "10.3.1: the bigram stage's next-character probabilities",
+                     f"python docs/buildup.py bigram --without_bf16; python docs/buildup.py --bigram {out_dir} "
+                     f"--record {record}", {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()},
+                     quoted)
+
+
 def main():
     parser = ablations.ArgumentParser(description="Train one stage of the build-up from a bigram to the GPT; "
                                       "score the whole val split.", allow_abbrev=False)
@@ -210,17 +254,25 @@ def main():
     parser.add_argument("--line", default=LINE, help="the text --head reads")
     parser.add_argument("--query", type=int, default=LINE.index("speak") + 2, help="the position --head explains")
     parser.add_argument("--unigram", metavar="input.txt", help="the val loss of the character frequencies alone")
+    parser.add_argument("--bigram", metavar="run_folder", help="the bigram stage's next-character probabilities")
+    parser.add_argument("--record", metavar="name", help="with --report or --bigram: also write records/<name>.json")
+    parser.add_argument("--without_bf16", action="store_true",
+                        help="Muon's Newton-Schulz steps in float32, as on a CPU without bfloat16 instructions")
     args, train_args = parser.parse_known_args()
-    if args.unigram:
+    if args.bigram:
+        bigram_probabilities(args.bigram, args.record)
+    elif args.unigram:
         with open(args.unigram, encoding="utf-8") as f:
             print(f"unigram loss on val: {unigram_loss(f.read()):.3f} nats per character")
     elif args.head:
         show_head(args.head, args.line, args.query)
     elif args.report:
         ablations.check_png(args.out)
-        report(args.report, args.out)
+        report(args.report, args.out, args.record)
     elif args.stage in STAGES:
-        run_stage(args.stage, train_args)
+        if args.without_bf16:
+            ablations.without_bf16()
+        run_stage(args.stage, train_args, (["--without_bf16"] if args.without_bf16 else []) + train_args)
     else:
         raise ablations.unknown("stage", args.stage, STAGES)
 

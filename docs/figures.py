@@ -4,6 +4,7 @@ Pictures of the ideas, drawn from the real code into docs/img (chapters 3, 5 and
     python docs/figures.py --ckpt out-shakespeare-char-cpu/ckpt.pt   # a trained CPU-recipe model
     python docs/figures.py                                           # no checkpoint: train the CPU recipe first
     python docs/figures.py --experiments                             # chapter 4's plots: run its commands
+    python docs/figures.py --ckpt ... --record trained-recipe        # also records/trained-recipe.json
 
     block.png           the block and the residual stream, with the model's own parameter counts
     causal-mask.png     CausalSelfAttention.causal_mask and what it does to a head's weights
@@ -19,6 +20,7 @@ docs/buildup.py, and the lens's screenshots from its browser test (tests/test_le
 """
 
 import glob
+import json
 import math
 import os
 import re
@@ -36,6 +38,7 @@ import torch
 from machinery import configurator
 import model as model_py
 import train
+from record import write_record
 from machinery.checkpoint import load_checkpoint
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from data import load_split, tokenizer_from, windows_at
@@ -111,6 +114,109 @@ def stream_sizes(gpt, idx):
         rows.append((rms(x), rms(attn), rms(mlp)))
         x = x + attn + mlp
     return rows
+
+
+def mean_offset_weight(weights, offset):
+    """weights (T, T) of one head -> the mean weight its queries put on the key `offset` places back."""
+    return weights.diagonal(-offset).mean().item()
+
+
+def trained_sizes(trained, idx, mask_chars=16):
+    """The figures chapter 5 quotes from the pictures: the stream's sizes (block.png) and how much the first
+    block's heads look back one and two characters (causal-mask.png on the first mask_chars characters,
+    attention-maps.png on the whole line)."""
+    t = trained.transformer
+    rms = lambda v: v.pow(2).mean().sqrt().item()
+    with torch.no_grad():
+        embeddings = rms(t.wte(idx) + t.wpe(torch.arange(idx.size(1))))
+    rows = stream_sizes(trained, idx)
+    first = attention_weights(trained, idx)[0]  # (nh, T, T) of block 0 on the whole line
+    short = attention_weights(trained, idx[:, :mask_chars])[0]  # (nh, n, n): causal-mask.png's corner
+    sharpest = int(short.max(dim=-1).values.mean(dim=-1).argmax())  # the head causal_mask_figure shows
+    r = lambda v: round(v, 3)
+    return {"embeddings_rms": r(embeddings), "n_embd_sqrt": r(math.sqrt(trained.config.n_embd)),
+            "blocks": [{"stream_in": r(a), "attn_adds": r(b), "mlp_adds": r(c)} for a, b, c in rows],
+            "first_mlp": r(rows[0][2]), "later_mlp_min": r(min(c for _, _, c in rows[1:])),
+            "later_mlp_max": r(max(c for _, _, c in rows[1:])), "stream_into_last": r(rows[-1][0]),
+            "attn_min": r(min(b for _, b, _ in rows)), "attn_max": r(max(b for _, b, _ in rows)),
+            "mask_head": sharpest, "mask_head_previous": r(mean_offset_weight(short[sharpest], 1)),
+            "line_previous": [r(mean_offset_weight(w, 1)) for w in first],
+            "line_two_back": [r(mean_offset_weight(w, 2)) for w in first]}
+
+
+SIZES_QUOTED = [
+    ("en", "this head (the sharpest\nof the four) puts {mask_head_previous:.2f} of each row, on average, on the previous "
+           "character"),
+    ("zh", "这个头（四个头中最尖锐的一个）平均把每一行的 {mask_head_previous:.2f} 放在前一个字符上"),
+    ("en", "In the first block one head puts {line_previous_max:.2f} of each row, on average, on the previous "
+           "character and another {line_two_back_max:.2f} on the character before that"),
+    ("zh", "在第一个块里，一个头平均把每一行的 {line_previous_max:.2f} 放在前一个字符上，另一个头把 {line_two_back_max:.2f}\n"
+           "放在再前面一个字符上"),
+    ("en", "the embeddings enter the stream small (an RMS of {embeddings_rms:.2f}); the first block's MLP writes most "
+           "of what the stream then holds (an RMS of {first_mlp:.1f}), each later MLP adds about as much again "
+           "({later_mlp_min:.1f} to {later_mlp_max:.1f}), so the stream is about {stream_into_last:.0f} as it enters "
+           "the last block, and attention's additions are the smallest of all ({attn_min:.1f} to {attn_max:.1f})"),
+    ("en", "(`sqrt(C)`, about {n_embd_sqrt:.1f}, times the RMS of the picture)"),
+    ("en", "(val loss {val_loss:.4f})"),
+    ("zh", "嵌入进入残差流时很小（RMS 为 {embeddings_rms:.2f}）；第一个块的 MLP 写入了残差流此后的大部分内容"
+           "（RMS {first_mlp:.1f}），后面每个 MLP 又加上差不多同样多的量（{later_mlp_min:.1f} 到 {later_mlp_max:.1f}），"
+           "所以进入最后一个块时\n残差流已增长到约 {stream_into_last:.0f}；注意力添加的内容最小（{attn_min:.1f} 到 {attn_max:.1f}）"),
+    ("zh", "约 {n_embd_sqrt:.1f} 倍"),
+    ("zh", "（验证损失 {val_loss:.4f}）"),
+]
+
+
+def run_metrics(ckpt):
+    """The figures chapters 3 and 4.2 quote from the run that wrote the checkpoint (its metrics.jsonl beside it):
+    the last evaluation, the gradient norm after the first steps, and the update ratio at its first and last
+    measurement."""
+    path = os.path.join(os.path.dirname(ckpt), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    steps = [e for e in lines if e["type"] == "train"]
+    last_clipped = max((e["iter"] for e in steps if e["clipped"]), default=0)
+    later = [e["grad_norm"] for e in steps if e["iter"] > last_clipped]
+    updates = [(e["iter"], e["update_ratio_log10"]["all"]) for e in steps if e["update_ratio_log10"]]
+    final = [e for e in lines if e["type"] == "eval"][-1]
+    return {"final_iter": final["iter"], "final_train_loss": round(final["train_loss"], 4),
+            "final_val_loss": round(final["val_loss"], 4), "last_clipped_step": last_clipped,
+            "grad_norm_after_min": round(min(later), 3), "grad_norm_after_max": round(max(later), 3),
+            "update_first_step": updates[0][0], "update_first": round(updates[0][1], 2),
+            "update_last_step": updates[-1][0], "update_last": round(updates[-1][1], 2)}
+
+
+RUN_QUOTED = [
+    ("en", "04-experiments.md", "Rerun on the Zen 4 with Muon's steps in float32 (`docs/ablations.py none --without_bf16`), it ends "
+           "with `eval {final_iter}: train loss {final_train_loss:.4f}, val loss {final_val_loss:.4f}`"),
+    ("zh", "04-experiments.md", "在 Zen 4 上让 Muon 的迭代用 float32 重跑（`docs/ablations.py none --without_bf16`），它以 "
+           "`eval {final_iter}: train loss {final_train_loss:.4f}, val loss {final_val_loss:.4f}` 结束"),
+    ("en", "04-experiments.md", "and then stays between {grad_norm_after_min:.1f} and {grad_norm_after_max:.1f}"),
+    ("zh", "04-experiments.md", "之后保持在 {grad_norm_after_min:.1f} 到 {grad_norm_after_max:.1f} 之间"),
+    ("en", "04-experiments.md", "{update_first:.2f} at step {update_first_step}"),
+    ("zh", "04-experiments.md", "第 {update_first_step} 步是 {update_first:.2f}"),
+    ("en", "04-experiments.md", "falls to {update_last:.2f} as the rate"),
+    ("zh", "04-experiments.md", "降到 {update_last:.2f}"),
+    ("en", "03-training-loop.md", "its `update` was {update_first:.2f} at step {update_first_step} and fell to "
+           "{update_last:.2f} at step {update_last_step}"),
+    ("zh", "03-training-loop.md", "它的 `update` 在第 {update_first_step} 步是 {update_first:.2f}，到第 "
+           "{update_last_step} 步降到 {update_last:.2f}"),
+]
+
+
+def record_sizes(name, ckpt, trained, meta, idx):
+    data = trained_sizes(trained, idx)
+    run = run_metrics(ckpt)
+    data.update(run)
+    data["line_previous_max"], data["line_two_back_max"] = max(data["line_previous"]), max(data["line_two_back"])
+    data["val_loss"] = round(meta.get("best_val_loss", float("nan")), 4)
+    print(json.dumps(data, indent=1))
+    write_record(name, "chapter 5's figures read from the pictures: a trained CPU-recipe model's residual stream "
+                 "sizes (RMS) and its first block's attention on the line of LINE", f"python docs/figures.py "
+                 f"--ckpt {ckpt} --record {name}", data,
+                 [{"doc": f"docs/{lang}/05-model.md", "text": text} for lang, text in SIZES_QUOTED] +
+                 [{"doc": f"docs/{lang}/{doc}", "text": text} for lang, doc, text in (RUN_QUOTED if run else [])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +542,7 @@ def main():
     parser.add_argument("--data_dir", default="data", help="datasets folder (the optimizer-step figure draws batches)")
     parser.add_argument("--line", default=LINE, help="the text the attention figures look at")
     parser.add_argument("--out_dir", default=os.path.join("docs", "img"))
+    parser.add_argument("--record", metavar="name", help="also write records/<name>.json: the sizes chapter 5 quotes")
     parser.add_argument("--experiments", action="store_true",
                         help="instead: run chapter 4's commands, which train its experiments and plot them")
     args = parser.parse_args()
@@ -448,6 +555,8 @@ def main():
     trained, meta = load_trained(ckpt)
     initial = initial_model(meta)
     idx = encode_line(meta, args.line)
+    if args.record:
+        record_sizes(args.record, ckpt, trained, meta, idx)
     block_figure(trained, idx, args.out_dir)
     causal_mask_figure(trained, initial, idx, meta, args.out_dir)
     attention_maps_figure(trained, initial, idx, meta, args.out_dir)
