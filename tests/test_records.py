@@ -162,3 +162,25 @@ def test_trained_sizes_measure_every_block_of_the_model():
     assert len(sizes["blocks"]) == 3 and len(sizes["line_previous"]) == 2
     assert sizes["stream_into_last"] == sizes["blocks"][-1]["stream_in"]
     assert 0 < sizes["mask_head_previous"] < 1 and sizes["n_embd_sqrt"] == round(32 ** 0.5, 3)
+
+
+def test_a_rerun_record_measures_how_far_the_runs_are_from_the_table(tmp_path, monkeypatch):
+    import json
+    import sys
+    ablations = load_docs_script("ablations")
+    (tmp_path / "records").mkdir()
+    table = {"rows": {"none": {"params": 10, "val_loss": 1.822}, "no_mlp": {"params": 5, "val_loss": 2.035}}}
+    (tmp_path / "records" / "table.json").write_text(json.dumps({"data": table}), encoding="utf-8")
+    monkeypatch.setattr(ablations, "ROOT", str(tmp_path))
+    monkeypatch.setattr(sys.modules["record"], "RECORDS", str(tmp_path / "records"))
+    monkeypatch.setattr(sys.modules["record"], "commit", lambda: "abc1234")
+    results = [{"ablation": "none", "params": 10, "val_loss": 1.8221, "command": "python docs/ablations.py none"},
+               {"ablation": "no_mlp", "params": 5, "val_loss": 2.1, "command": "python docs/ablations.py no_mlp"}]
+    ablations.write_table_record("rerun", "ablation", results, "table", [("README.md", "{largest_difference}")],
+                                 "ablations.py", ["a", "b"], "a test")
+    data = json.loads((tmp_path / "records" / "rerun.json").read_text(encoding="utf-8"))["data"]
+    assert (data["largest_at"], data["largest_difference"], data["next_largest_difference"]) == ("no_mlp", 0.065, 0.0001)
+    assert data["same_params"]
+    results.pop()
+    with pytest.raises(ablations.UsageError, match="no_mlp"):
+        ablations.write_table_record("rerun", "ablation", results, "table", [], "ablations.py", ["a"], "a test")
