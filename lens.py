@@ -3,11 +3,15 @@ See through a trained checkpoint: a local page that shows what the model does wi
 
     python lens.py --ckpt out-shakespeare-char-cpu       # a run folder (its best_model.pt) or a checkpoint file
     python lens.py --ckpt best_model.pt --port 8000      # the newest best_model.pt below this folder
+    python lens.py --ckpt out-shakespeare-char-cpu --heads   # what each head does at each snapshot, as JSON
 
 The page (lens/index.html, lens.js, lens.css) only draws: every number it shows comes from here, and
 here from the model's own code. An analysis is one traced forward (`lens.py: trace`, forward hooks on the model);
 the sampling settings reshape the probabilities through `model.py: sampling_probs`, the function that
 `sample_next` draws from; generation is `model.py: GPT.generate_stream`, seeded as `generate.py` seeds it.
+A run folder with a training timeline (machinery/timeline.py) is replayed: every view can show the model as
+it was at any snapshot (the request's `step`), the training view draws the run's curves, and the heads'
+scores (machinery/heads.py) are read at every snapshot.
 
 The server is a local one that any web page could try to reach, so it defends itself (docs chapter 9.11):
 it answers only requests addressed to it by name (`Handler.check_host`: DNS rebinding), reads no body larger
@@ -36,19 +40,26 @@ from urllib.parse import urlsplit
 import torch
 from torch.nn import functional as F
 
+from data import load_split, windows_at
 from generate import load_model, parse_args as generate_flags
-from machinery.checkpoint import find_checkpoint
+from machinery import heads
+from machinery.checkpoint import find_checkpoint, load_checkpoint
 from machinery.checks import LARGEST_INT, PORT_RANGE, integer
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import pick_device
+from machinery.metrics import metrics_entry
+from machinery.timeline import run_folder_of, snapshots_of
 from model import sampling_probs
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lens")
 PAGE_FILES = {"/": ("index.html", "text/html"), "/lens.js": ("lens.js", "text/javascript"),
               "/lens.css": ("lens.css", "text/css")}
 SETTINGS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")  # generate.py's flags, same names
-FIELDS = ("prompt", "position") + SETTINGS  # all that a request may hold
+FIELDS = ("prompt", "position", "step", "layer", "head") + SETTINGS  # all that a request may hold
 TOP = 20  # tokens in the next-token view
+CURVE_POINTS = 2000  # the most points of each training curve sent to the page (a long run's are thinned)
+SAMPLE_WINDOWS = 16  # val windows in the heads' fixed sample (the knock-out's loss, the attention scores)
+INDUCTION_BATCH = 8  # repeated random sequences for the induction score
 STACK_TOP = 5  # predictions per layer at the chosen position
 ATTENTION_LIMIT = 2_000_000  # the most weights (layers x heads x T x T) one answer carries to the page
 BODY_LIMIT = 64 * 1024  # bytes in one request: a prompt of many thousand characters, never a flood of memory
@@ -88,10 +99,11 @@ def request_fields(body):
         raise UsageError(f"the field 'prompt' is not text: {prompt[e.start]!r} at character {e.start} is half "
                          "of a UTF-16 pair")
     checked = {"prompt": prompt}
-    for key in ("position",) + SETTINGS:
+    for key in ("position", "step", "layer", "head") + SETTINGS:
         if fields.get(key) is not None:
             checked[key] = number_text(key, fields[key])
-    position_number(checked.get("position"))  # a whole number, for generate too, which does not use it
+    for key in ("position", "step", "layer", "head"):
+        whole_number(key, checked.get(key))  # for every question, even one that does not use it
     return checked
 
 
@@ -184,14 +196,35 @@ class Lens:
     def __init__(self, model, tokenizer, path, device):
         self.model, self.tokenizer, self.path, self.device = model, tokenizer, path, device
         self.lock = threading.Lock()
+        self.run_folder = run_folder_of(path)
+        self.snapshots = {entry["step"]: (entry, file) for entry, file in snapshots_of(self.run_folder)}
+        self.loaded, self.heads_report = {}, None  # snapshot models by step; the heads' report, once made
 
     def describe(self):
         config = self.model.config
-        return {"checkpoint": self.path, "device": self.device, "dtype": str(self.model.lm_head.weight.dtype)[6:],
+        return {"checkpoint": self.path, "device": self.device, "dtype": self.dtype(),
                 "tokenizer": self.tokenizer.describe()["kind"], "n_layer": config.n_layer, "n_head": config.n_head,
                 "n_embd": config.n_embd, "block_size": config.block_size, "vocab_size": config.vocab_size,
                 "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP,
-                "body_limit": BODY_LIMIT}
+                "body_limit": BODY_LIMIT,
+                "snapshots": [{k: e[k] for k in ("step", "lr", "loss")} for e, _ in self.snapshots.values()]}
+
+    def dtype(self):
+        return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
+
+    def model_at(self, step):
+        """The model as it was at a snapshot's step (the request's field 'step'), or the checkpoint's when none
+        is asked for. Each snapshot is loaded once, in the checkpoint's dtype, then kept."""
+        step = whole_number("step", step)
+        if step is None:
+            return self.model, self.path
+        if step not in self.snapshots:
+            have = ", ".join(map(str, self.snapshots)) or "none (it has no timeline)"
+            raise UsageError(f"the run has no snapshot at step {step}; its snapshots are at steps {shorten(have, 80)}")
+        path = self.snapshots[step][1]
+        if step not in self.loaded:
+            self.loaded[step] = load_model(path, self.device, self.dtype())[0]
+        return self.loaded[step], path
 
     def example_prompt(self):
         try:
@@ -211,7 +244,7 @@ class Lens:
         ids = self.tokenizer.encode(prompt) if prompt else []  # an unknown character is a UsageError
         if not ids:
             raise UsageError("the prompt is empty; type some text")
-        block_size = self.model.config.block_size
+        block_size = self.model.config.block_size  # the same at every snapshot
         if len(ids) <= block_size:
             return ids, None
         return ids[-block_size:], (f"the prompt is {len(ids)} tokens long; the model sees at most block_size = "
@@ -223,20 +256,21 @@ class Lens:
         settings = sampling_settings(fields)
         position = chosen_position(fields.get("position"), len(ids))
         with self.lock, torch.no_grad():
-            _, inside = trace(self.model, torch.tensor([ids], device=self.device))  # the one forward
+            model, _ = self.model_at(fields.get("step"))
+            _, inside = trace(model, torch.tensor([ids], device=self.device))  # the one forward
             stages = []
             for layer, x in enumerate(inside["residual"]):
-                summary, logits = self.stage(layer, x[0], position)
+                summary, logits = self.stage(model, layer, x[0], position)
                 stages.append(summary)
             # the lens of the last block's stream is the model's own prediction, at every position
             return {"tokens": [self.token(i) for i in ids], "note": note, "position": position,
                     "settings": settings, "next": self.next_token(logits[position], settings),
                     "stack": stages, **self.attention(inside["attention"], len(ids))}
 
-    def stage(self, layer, x, position):
+    def stage(self, model, layer, x, position):
         """(summary, logits (T, V)) of the residual stream x (T, C) after `layer` blocks: its size, and what the
         model would predict if it stopped here (the final LayerNorm and the head applied to it: the logit lens)."""
-        logits = self.model.lm_head(self.model.transformer.ln_f(x)).float()  # (T, V)
+        logits = model.lm_head(model.transformer.ln_f(x)).float()  # (T, V)
         probs = F.softmax(logits, dim=-1)
         top_p, top_id = probs.max(dim=-1)  # (T,)
         detail = torch.topk(probs[position], STACK_TOP)
@@ -272,9 +306,12 @@ class Lens:
         ids = self.tokenizer.encode(prompt) if prompt else []
         if not ids:
             raise UsageError("the prompt is empty; type some text")
-        return self.new_tokens(ids, sampling_settings(fields))
+        settings = sampling_settings(fields)
+        with self.lock:
+            model, _ = self.model_at(fields.get("step"))
+        return self.new_tokens(model, ids, settings)
 
-    def new_tokens(self, ids, s):
+    def new_tokens(self, model, ids, s):
         generator = torch.Generator(device=self.device).manual_seed(s["seed"])  # as generate.py: same seed, same text
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         fired, replayed, me = [], {}, threading.current_thread()
@@ -285,9 +322,9 @@ class Lens:
                 if output[0].is_cuda and torch.cuda.is_current_stream_capturing():
                     replayed["logits"] = output[0]  # the buffer that each replay of the recorded step rewrites
 
-        hook = self.model.register_forward_hook(keep_logits)
+        hook = model.register_forward_hook(keep_logits)
         try:
-            stream = self.model.generate_stream(x, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+            stream = model.generate_stream(x, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
                                                 generator=generator)
             while True:
                 with self.lock:
@@ -310,33 +347,127 @@ class Lens:
         given as TEXT:prompt, which generate.py reads as the text itself, not as a file to open."""
         s = sampling_settings(fields)
         prompt = fields.get("prompt", "")
-        flags = {"ckpt": self.path, "start": f"TEXT:{prompt}" if prompt.startswith(("FILE:", "TEXT:")) else prompt,
+        with self.lock:
+            _, path = self.model_at(fields.get("step"))  # a snapshot is a checkpoint generate.py opens too
+        flags = {"ckpt": path, "start": f"TEXT:{prompt}" if prompt.startswith(("FILE:", "TEXT:")) else prompt,
                  "seed": s["seed"], "temperature": s["temperature"],
                  "top_k": s["top_k"] or self.model.config.vocab_size,  # keeping every token is what "off" does
                  "top_p": s["top_p"], "max_new_tokens": s["max_new_tokens"], "device": self.device,
-                 "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch.")}
+                 "dtype": self.dtype()}
         return shlex.join(["python", "generate.py", *(f"--{key}={value}" for key, value in flags.items()
                                                       if value is not None)])
+
+    # ---- the training replay ---------------------------------------------------------------------------
+
+    def training(self):
+        """The run's curves for the training view: train losses and evals from its metrics.jsonl (a long run's
+        thinned to CURVE_POINTS), and the snapshots with their own losses."""
+        train, evals = [], []
+        path = os.path.join(self.run_folder, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for entry in filter(None, map(metrics_entry, f)):
+                    if entry.get("type") == "train" and finite(entry.get("loss")):
+                        train.append([entry["iter"], entry["loss"]])
+                    elif entry.get("type") == "eval" and finite(entry.get("val_loss")):
+                        evals.append([entry["iter"], entry.get("train_loss"), entry["val_loss"]])
+        every = max(1, math.ceil(len(train) / CURVE_POINTS))
+        return {"train": train[::every], "eval": evals[-CURVE_POINTS:],
+                "snapshots": self.describe()["snapshots"]}
+
+    def strip(self, fields):
+        """One head's attention to the prompt at every snapshot: {steps, maps (each T x T)}."""
+        ids, _ = self.prompt_ids(fields.get("prompt", ""))
+        layer, head = whole_number("layer", fields.get("layer")), whole_number("head", fields.get("head"))
+        config = self.model.config
+        if layer is None or not 0 <= layer < config.n_layer or head is None or not 0 <= head < config.n_head:
+            raise UsageError(f"choose a layer from 0 to {config.n_layer - 1} and a head from 0 to "
+                             f"{config.n_head - 1}")
+        if len(self.snapshots) * len(ids) ** 2 > ATTENTION_LIMIT:
+            raise UsageError(f"the strip is drawn for prompts of up to "
+                             f"{math.isqrt(ATTENTION_LIMIT // max(1, len(self.snapshots)))} tokens")
+        maps = []
+        for step in self.snapshots:
+            with self.lock, torch.no_grad():
+                model, _ = self.model_at(step)
+                _, inside = trace(model, torch.tensor([ids], device=self.device))
+            maps.append(rounded(inside["attention"][layer][0, head], 4))
+        return {"steps": list(self.snapshots), "layer": layer, "head": head, "maps": maps}
+
+    def heads(self):
+        """What each head does at each snapshot (and in the checkpoint): machinery/heads.py's scores, made once."""
+        if self.heads_report is None:
+            sample, note = self.val_sample()
+            half = self.model.config.block_size // 2
+            repeated = heads.repeated_random_tokens(INDUCTION_BATCH, half, self.tokenizer.vocab_size).to(self.device)
+            rows = []
+            for step in [*self.snapshots, None]:
+                with self.lock, torch.no_grad():
+                    model, path = self.model_at(step)
+                    rows.append({"step": step, "checkpoint": path, **head_scores(model, sample, repeated, half)})
+            self.heads_report = {"checkpoint": self.path, "sample": note, "induction_half": half,
+                                 "n_layer": self.model.config.n_layer, "n_head": self.model.config.n_head,
+                                 "snapshots": rows}
+        return self.heads_report
+
+    def val_sample(self):
+        """((X, Y), what it is) of the fixed sample the heads are scored on: SAMPLE_WINDOWS windows spread
+        evenly over the run's val split; (None, why not) when the split is not on this machine."""
+        config = load_checkpoint(self.path)[1].get("config", {})
+        data_dir, dataset = config.get("data_dir", "data"), config.get("dataset", "")
+        block_size = self.model.config.block_size
+        try:
+            val = load_split(data_dir, dataset, "val")
+        except (OSError, ValueError, TypeError) as e:
+            return None, f"no knock-out: the val split {data_dir}/{dataset}/val.bin is not readable here ({e})"
+        if len(val) <= block_size:
+            return None, f"no knock-out: the val split of {dataset} is shorter than one window"
+        ix = torch.linspace(0, len(val) - block_size - 1, SAMPLE_WINDOWS).long()
+        return (windows_at(val, ix, block_size, self.device),
+                f"{SAMPLE_WINDOWS} windows of {block_size} tokens spread over {data_dir}/{dataset}/val.bin")
+
+
+def head_scores(model, sample, repeated, half):
+    """{loss, heads: [layer][head] -> {previous, induction, first, knockout}} of one model. The previous- and
+    first-token scores are read on the val sample (on the repeated random tokens without one), the induction
+    score on the repeated random tokens (B, 2 * half)."""
+    _, on_repeat = trace(model, repeated)
+    text = on_repeat if sample is None else trace(model, sample[0])[1]
+    loss, knockout = heads.knockout_effects(model, *sample) if sample else (None, None)
+    table = []
+    for layer in range(model.config.n_layer):
+        weights = text["attention"][layer].float()
+        scores = zip(heads.previous_token_scores(weights).tolist(),
+                     heads.induction_scores(on_repeat["attention"][layer].float(), half).tolist(),
+                     heads.first_token_scores(weights).tolist())
+        table.append([{"previous": round(p, 4), "induction": round(i, 4), "first": round(f, 4),
+                       "knockout": None if knockout is None else round(knockout[layer][h], 5)}
+                      for h, (p, i, f) in enumerate(scores)])
+    return {"loss": None if loss is None else round(loss, 5), "heads": table}
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def chosen_position(value, T):
     """The position the page asks about; none (or one past the prompt, after an edit) means the last."""
-    position = position_number(value)
+    position = whole_number("position", value)
     return position if position is not None and 0 <= position < T else T - 1
 
 
-def position_number(value):
-    """The field 'position' as a whole number, or None when it is empty."""
-    text = "" if value is None else number_text("position", value)
+def whole_number(key, value):
+    """A field that is a whole number (position, step, layer, head), or None when it is empty."""
+    text = "" if value is None else number_text(key, value)
     if text == "":
         return None
     try:
-        position = int(text)
+        number = int(text)
     except ValueError:
-        raise UsageError(f"the field 'position' must be a whole number, got {shorten(text)!r}")
-    if abs(position) > LARGEST_INT:
-        raise UsageError(f"the field 'position' must be a whole number of at most {LARGEST_INT}, got {shorten(text)}")
-    return position
+        raise UsageError(f"the field '{key}' must be a whole number, got {shorten(text)!r}")
+    if abs(number) > LARGEST_INT:
+        raise UsageError(f"the field '{key}' must be a whole number of at most {LARGEST_INT}, got {shorten(text)}")
+    return number
 
 
 class Refused(UsageError):
@@ -348,8 +479,9 @@ class Refused(UsageError):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """The page's files, and its three questions: /api/model, /api/analyze and /api/generate (both POST, the
-    page's fields as a JSON body; generate answers with a stream of server-sent events). Every answer is JSON
+    """The page's files, and its questions: /api/model, /api/training and /api/heads (GET), /api/analyze,
+    /api/strip and /api/generate (POST, the page's fields as a JSON body; generate answers with a stream of
+    server-sent events). Every answer is JSON
     (or the page, or the stream): a request with another Host, a body too large or not JSON, a field of the
     wrong type is a 4xx naming it; a fault of the lens is a 500 and one line in its terminal."""
 
@@ -368,17 +500,23 @@ class Handler(BaseHTTPRequestHandler):
             self.send_page_file(*PAGE_FILES[path])
         elif path == "/api/model":
             self.send_json(self.server.lens.describe())
-        elif path in ("/api/analyze", "/api/generate"):
+        elif path == "/api/training":
+            self.send_json(self.server.lens.training())
+        elif path == "/api/heads":
+            self.send_json(self.server.lens.heads())
+        elif path in ("/api/analyze", "/api/generate", "/api/strip"):
             raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes a POST of the page's fields as JSON")
         else:
             raise Refused(HTTPStatus.NOT_FOUND, f"nothing at {shorten(path)}")
 
     def post(self, path):
-        if path not in ("/api/analyze", "/api/generate"):
+        if path not in ("/api/analyze", "/api/generate", "/api/strip"):
             raise Refused(HTTPStatus.NOT_FOUND, f"nothing to post to at {shorten(path)}")
         fields = request_fields(self.read_body())
         if path == "/api/analyze":
             self.send_json(self.server.lens.analyse(fields))
+        elif path == "/api/strip":
+            self.send_json(self.server.lens.strip(fields))
         else:
             self.stream_generation(fields)
 
@@ -559,6 +697,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=integer(*PORT_RANGE), default=0, help="the port; 0 = a free one")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--heads", action="store_true",
+                   help="print what each head does at each snapshot of the run (JSON) and exit: previous-token, "
+                        "induction and first-token scores, knock-out effect on the val loss")
     return p.parse_args(argv)
 
 
@@ -567,6 +708,9 @@ def main():
     device = pick_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, tokenizer = load_model(path, device, args.dtype)
+    if args.heads:
+        print(json.dumps(Lens(model, tokenizer, path, device).heads(), indent=1))
+        return
     with make_server(Lens(model, tokenizer, path, device), args.host, args.port) as server:
         host, port = server.server_address[:2]
         if not is_loopback(host):

@@ -9,7 +9,8 @@ The loop takes the textbook step: micro-batches, backward, unscale, clip, the op
 zero_grad. What keeps a run safe, fast and observable lives in machinery/, one module per concern,
 called here by name: setup (processes, device, precision), checkpoint (resume state), evaluation,
 health (the NaN guard, update ratios), metrics (the record and the log line), run_folder (the lock,
-earlier runs, stop requests, the end of a run), speed (MFU, how long a CPU run takes).
+earlier runs, stop requests, the end of a run), speed (MFU, how long a CPU run takes), timeline
+(snapshots of the weights for the lens's replay).
 """
 
 from machinery.cli import quiet_interrupts
@@ -34,6 +35,7 @@ from machinery.preparation import check_long_enough
 from machinery.run_folder import StopRequest, end_run, open_run_folder, start_record
 from machinery.setup import setup
 from machinery.speed import say_how_long
+from machinery.timeline import Timeline
 from model import GPT, GPTConfig
 
 # -- defaults --
@@ -50,6 +52,8 @@ eval_only = False  # evaluate once and exit
 eval_at_start = True  # also evaluate before the first step (the untrained loss); False saves one
                       # eval
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val improves
+snapshots = "auto"  # the weights at steps 0, 1, 2, 4, 8, ... and each eval, for the lens's replay
+                    # (out_dir/timeline); 'auto': for models of up to 2M parameters
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF
                        # directory
 patience = 0  # stop after this many evals without val improvement; 0 = never
@@ -192,12 +196,14 @@ def run():
     params = [p for p in raw_model.parameters() if p.requires_grad]
     guard = Guard(optimizers, scaler, max_bad_steps, env, raw_model, ckpt_path, progress)
     monitor = UpdateMonitor(optimizers, params, monitor_interval)
+    timeline = Timeline(checkpoints, evals)  # snapshots of the weights as the model learns
     metrics.restart_clock(iter_num)
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
+        timeline.keep(iter_num, lr, X, Y)  # on its schedule: this step's weights, lr and loss
 
         if evals.due(iter_num):
             if not evals.run(iter_num):  # train and val loss, logged; False: a stop abandoned it

@@ -6,7 +6,8 @@ const $ = (id) => document.getElementById(id);
 const SETTINGS = ["temperature", "top_k", "top_p", "seed", "max_new_tokens"];
 const MASKED = [229, 231, 235];  // the causal mask's cells (a query never sees a later key): light grey
 const BLUE = [37, 99, 235];
-const state = { model: null, answer: null, position: null, head: null, asked: 0, stream: null, timer: null };
+const state = { model: null, answer: null, position: null, head: null, asked: 0, stream: null, timer: null,
+  training: null, heads: null, stripHead: null };
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -30,7 +31,7 @@ function say(text) {
 }
 
 function fields() {
-  const f = { prompt: $("prompt").value };
+  const f = { prompt: $("prompt").value, step: $("step").value };  // step "": the checkpoint itself
   for (const key of SETTINGS) f[key] = $(key).value;
   return f;
 }
@@ -49,6 +50,15 @@ async function start() {
   $("head-canvas").addEventListener("click", chooseQuery);
   $("generate").addEventListener("click", generate);
   $("stop").addEventListener("click", () => finishGenerating("stopped"));
+  if (m.snapshots.length) {  // a run with a timeline: every view can show the model at any snapshot
+    $("step").replaceChildren(el("option", { value: "" }, "the checkpoint"),
+      ...m.snapshots.map((s) => el("option", { value: s.step }, `step ${s.step}`)));
+    $("step").addEventListener("change", () => chooseStep($("step").value));
+    $("step-box").hidden = $("training-tab").hidden = false;
+    $("curves").addEventListener("click", (event) => { const s = snapshotAt(event); if (s) chooseStep(s.step); });
+    $("curves").addEventListener("mousemove", readCurves);
+    $("head-metric").addEventListener("change", drawHeadsTable);
+  }
   showView("tokens");
   analyse();
 }
@@ -56,6 +66,7 @@ async function start() {
 function showView(name) {
   document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === `view-${name}`));
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.view === name));
+  if (name === "training" && !state.training) loadTraining();
 }
 
 // typing asks once the keys pause, not once per key
@@ -385,6 +396,168 @@ function finishGenerating(summary) {
   $("generate").disabled = false;
   $("stop").disabled = true;
   if (summary) $("generate-summary").textContent = summary;
+}
+
+// ---- Training: the replay of a run's timeline ------------------------------------------------
+
+// body[data-training] is set while the curves or the heads' table are on their way (the tests wait on it)
+async function loadTraining() {
+  document.body.dataset.training = "loading";
+  try {
+    state.training = await (await fetch("/api/training")).json();
+    drawCurves();
+    drawStepButtons();
+    const response = await fetch("/api/heads");
+    if (response.ok) state.heads = await response.json();
+    else say(await errorOf(response));
+    drawHeadsTable();
+  } catch {
+    say("the lens server stopped answering");
+  }
+  delete document.body.dataset.training;
+}
+
+function chooseStep(step) {
+  $("step").value = String(step);
+  drawStepButtons();
+  if (state.training) drawCurves();
+  if (state.heads) drawHeadsTable();
+  analyse();
+}
+
+function drawStepButtons() {
+  const chosen = $("step").value;
+  $("snapshot-steps").replaceChildren(...[{ step: "" }, ...state.model.snapshots].map((s) => {
+    const b = el("button", { className: String(s.step) === chosen ? "chosen" : "", dataset: { step: s.step } },
+      s.step === "" ? "checkpoint" : `step ${s.step}`);
+    b.addEventListener("click", () => chooseStep(s.step));
+    return b;
+  }));
+}
+
+// the curves on a log(1 + step) axis: most of what a model learns happens in its first steps
+function curveGeometry() {
+  const t = state.training, canvas = $("curves");
+  const steps = [...t.train.map((p) => p[0]), ...t.eval.map((p) => p[0]), ...t.snapshots.map((s) => s.step), 1];
+  const losses = [...t.train.map((p) => p[1]), ...t.eval.map((p) => p[2]), ...t.snapshots.map((s) => s.loss)];
+  const lo = Math.min(...losses), hi = Math.max(...losses);
+  const left = 48, right = canvas.width - 12, top = 12, bottom = canvas.height - 28;
+  const xmax = Math.log1p(Math.max(...steps));
+  return {
+    x: (step) => left + (right - left) * Math.log1p(step) / xmax,
+    y: (loss) => bottom - (bottom - top) * (loss - lo) / ((hi - lo) || 1),
+    left, right, top, bottom, lo, hi, xmax,
+  };
+}
+
+function drawCurves() {
+  const t = state.training, canvas = $("curves"), ctx = canvas.getContext("2d"), g = curveGeometry();
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.font = "11px system-ui";
+  ctx.fillStyle = "#6b7280";
+  for (const step of [0, 1, 10, 100, 1000, 10000, 100000]) {
+    if (Math.log1p(step) > g.xmax) break;
+    ctx.fillText(String(step), g.x(step) - 4, g.bottom + 14);
+  }
+  for (const loss of [g.lo, (g.lo + g.hi) / 2, g.hi]) ctx.fillText(loss.toFixed(2), 4, g.y(loss) + 4);
+  ctx.fillText("step (log scale)", g.right - 80, g.bottom + 26);
+  if (t.band) {  // the recipe's reference band: the range of its reference runs, step by step
+    ctx.fillStyle = "rgba(16, 185, 129, 0.18)";
+    ctx.beginPath();
+    t.band.train.forEach((p, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, g.x(p[0]), g.y(p[2])));
+    [...t.band.train].reverse().forEach((p) => ctx.lineTo(g.x(p[0]), g.y(p[1])));
+    ctx.fill();
+  }
+  ctx.strokeStyle = "#9ca3af";
+  ctx.beginPath();
+  t.train.forEach((p, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, g.x(p[0]), g.y(p[1])));
+  ctx.stroke();
+  const dot = (x, y, r, ring) => {
+    ctx.beginPath();
+    ctx.arc(x, y, r, 0, 2 * Math.PI);
+    ctx[ring ? "stroke" : "fill"]();
+  };
+  ctx.fillStyle = "#ea580c";
+  for (const p of t.eval) dot(g.x(p[0]), g.y(p[2]), 4);
+  const chosen = $("step").value;
+  for (const s of t.snapshots) {
+    ctx.fillStyle = "#2563eb";
+    dot(g.x(s.step), g.y(s.loss), 3.5);
+    if (String(s.step) === chosen) {
+      ctx.strokeStyle = "#dc2626";
+      ctx.lineWidth = 2;
+      dot(g.x(s.step), g.y(s.loss), 7, true);
+      ctx.lineWidth = 1;
+    }
+  }
+}
+
+function snapshotAt(event) {
+  const g = curveGeometry();
+  const scale = $("curves").width / $("curves").clientWidth;  // the canvas may be drawn narrower than it is
+  const x = event.offsetX * scale;
+  const nearest = state.training.snapshots.reduce((a, b) => (Math.abs(g.x(b.step) - x) < Math.abs(g.x(a.step) - x)
+    ? b : a));
+  return Math.abs(g.x(nearest.step) - x) < 12 ? nearest : null;
+}
+
+function readCurves(event) {
+  const s = state.training && snapshotAt(event);
+  $("curves-readout").textContent = s ? `snapshot at step ${s.step}: lr ${s.lr.toExponential(2)}, loss ` +
+    `${s.loss.toFixed(4)} on its own batch (click to see the model as it was)` : "";
+}
+
+function drawHeadsTable() {
+  const report = state.heads;
+  if (!report) return;
+  const metric = $("head-metric").value;
+  $("heads-note").textContent = report.sample;
+  const columns = report.snapshots;
+  const values = columns.flatMap((c) => c.heads.flat().map((h) => h[metric])).filter((v) => v !== null);
+  const most = Math.max(1e-9, ...values.map(Math.abs));
+  const chosen = $("step").value;
+  const header = el("tr", {}, el("th", {}, "head"), ...columns.map((c) => el("th", {
+    className: String(c.step ?? "") === chosen ? "chosen" : "" }, c.step === null ? "ckpt" : String(c.step))));
+  const rows = [];
+  for (let l = 0; l < report.n_layer; l++) {
+    for (let h = 0; h < report.n_head; h++) {
+      const isChosen = state.stripHead && state.stripHead.layer === l && state.stripHead.head === h;
+      const row = el("tr", { className: isChosen ? "chosen" : "", dataset: { layer: l, head: h } },
+        el("th", {}, `layer ${l + 1}, head ${h + 1}`), ...columns.map((c) => {
+          const v = c.heads[l][h][metric];
+          const shade = v === null ? 0 : Math.abs(v) / (metric === "knockout" ? most : 1);
+          const color = metric === "knockout" && v < 0 ? "22, 163, 74" : metric === "knockout" ? "220, 38, 38" : BLUE;
+          return el("td", { style: `background: rgba(${color}, ${0.7 * shade})`,
+            dataset: { step: c.step ?? "", value: v ?? "" } },
+          v === null ? "–" : v.toFixed(metric === "knockout" ? 3 : 2));
+        }));
+      row.addEventListener("click", () => drawStrip(l, h));
+      rows.push(row);
+    }
+  }
+  $("heads-table").replaceChildren(header, ...rows);
+}
+
+// one head's attention to the prompt at every snapshot, side by side
+async function drawStrip(layer, head) {
+  state.stripHead = { layer, head };
+  drawHeadsTable();
+  document.body.dataset.training = "loading";
+  const response = await post("/api/strip", { prompt: $("prompt").value, layer, head });
+  if (response.ok) {
+    const strip = await response.json();
+    $("strip-title").textContent = `layer ${layer + 1}, head ${head + 1}: its attention to the prompt, step by step`;
+    $("strip").replaceChildren(...strip.maps.map((weights, i) => {
+      const canvas = el("canvas");
+      paint(canvas, weights, Math.max(1, Math.floor(96 / weights.length)), 0);
+      return el("figure", { dataset: { step: strip.steps[i] } }, canvas,
+        el("figcaption", {}, `step ${strip.steps[i]}`));
+    }));
+    say("");
+  } else {
+    say(await errorOf(response));
+  }
+  delete document.body.dataset.training;
 }
 
 start().then(() => { window.lensReady = true; });

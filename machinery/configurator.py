@@ -251,8 +251,9 @@ def check_train_config(c):
     if c["compile_mode"] not in COMPILE_MODES:
         raise UsageError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {c['compile_mode']!r}"
                          f"{closest(c['compile_mode'], COMPILE_MODES)}")
-    if c["compile"] not in (True, False, "auto"):
-        raise UsageError(f"compile must be True, False or 'auto', got {c['compile']!r}")
+    for key in ("compile", "snapshots"):
+        if c[key] not in (True, False, "auto"):
+            raise UsageError(f"{key} must be True, False or 'auto', got {c[key]!r}")
     if c["backend"] not in ("auto", "nccl", "gloo"):
         raise UsageError(f"backend must be 'auto', 'nccl' or 'gloo', got {c['backend']!r}")
     init = c["init_from"]

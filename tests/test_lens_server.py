@@ -343,7 +343,8 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.di
 PROMPTS = st.one_of(VALUES, st.text(alphabet=sorted(set(CORPUS)), max_size=40), st.text(max_size=10),
                     st.sampled_from(["ROMEO:", "FILE:/etc/passwd", "-x", "", "\ud800"]))
 VALID = {"prompt": ["ROMEO:", "But, soft! what light"], "position": [0, "2", ""], "temperature": [0, "0.8", 1.5],
-         "top_k": ["", 1, "5"], "top_p": ["", 0.9, "1"], "seed": [0, "7", 2 ** 64 - 1], "max_new_tokens": [1, "3"]}
+         "top_k": ["", 1, "5"], "top_p": ["", 0.9, "1"], "seed": [0, "7", 2 ** 64 - 1], "max_new_tokens": [1, "3"],
+         "step": ["", 0, "8"], "layer": [0, "1"], "head": ["0", 1]}  # steps of conftest's run's timeline
 FIELD = {key: st.one_of(st.sampled_from(VALID[key]), PROMPTS if key == "prompt" else VALUES) for key in FIELDS}
 # a prompt and a length always (the default of 500 tokens is more than this test lets a request generate),
 # each other field or not: many requests reach the model, the rest each check
@@ -371,14 +372,15 @@ def keeps_the_contract(port, path, body):
     return status
 
 
-@pytest.mark.parametrize("path", ["/api/analyze", "/api/generate"])
+@pytest.mark.parametrize("path", ["/api/analyze", "/api/generate", "/api/strip"])
 def test_property_hostile_json_at_every_field_is_an_answer_and_the_server_goes_on(port, path, monkeypatch, capsys):
     monkeypatch.setattr(lens_module, "GENERATE_LIMIT", 20)  # a valid request generates a few tokens, not thousands
     seen = []
 
     @PROPERTY
     @given(body=BODIES)
-    @example(body=json.dumps({"prompt": "ROMEO:", "max_new_tokens": 3}))  # always one that reaches the model
+    @example(body=json.dumps({"prompt": "ROMEO:", "max_new_tokens": 3, "layer": 0, "head": 1}))  # one that reaches
+    # the model, whatever the path
     @example(body=json.dumps({"prompt": "ROMEO:", "temperature": float("nan")}))  # and one that does not
     def hostile(body):
         seen.append(keeps_the_contract(port, path, body))
