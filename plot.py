@@ -1,6 +1,7 @@
 """
 Draw a run's training curves from its metrics.jsonl: loss (train and val), learning rate and,
-when the run logged it, the gradient norm. Several runs are overlaid, one colour per run.
+when the run logged it, the gradient norm. Several runs are overlaid, one colour per run; a run of
+a recipe with a loss band (machinery/bands.py) has the band shaded behind its loss.
 
     python plot.py out-shakespeare-char-cpu              # -> out-shakespeare-char-cpu/metrics.png
     python plot.py out-a out-b out-c --out runs.png      # several runs on the same axes
@@ -13,6 +14,7 @@ import json
 import math
 import os
 
+from machinery.bands import band_for_run
 from machinery.checks import pathname, shown, writable_folder
 from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import atomic_write, writing
@@ -75,8 +77,18 @@ def finite(xs, ys):
     return [x for x, _ in kept], [y for _, y in kept]
 
 
-def plot_runs(runs, title=None):
-    """A matplotlib Figure for {name: (train entries, eval entries)}."""
+def draw_bands(ax, bands):
+    """Each recipe's loss band (machinery/bands.py: band_dict), shaded behind the curves, once per band."""
+    for band in {b["band"]: b for b in bands if b}.values():
+        label = f"band of {shown(band['config'])} ({len(band['seeds'])} seeds)"
+        ax.fill_between(band["train"]["steps"], band["train"]["lo"], band["train"]["hi"], color="0.6", alpha=0.3,
+                        linewidth=0, zorder=0, label=label)
+        ax.vlines(band["eval"]["steps"], band["eval"]["val_loss"]["lo"], band["eval"]["val_loss"]["hi"], color="0.3",
+                  linewidth=4, alpha=0.5, zorder=0, label="its val loss")
+
+
+def plot_runs(runs, title=None, bands=()):
+    """A matplotlib Figure for {name: (train entries, eval entries)}; bands: the runs' bands (None: none)."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no window, no display needed
     import matplotlib.pyplot as plt
@@ -85,6 +97,7 @@ def plot_runs(runs, title=None):
     width, height = PANEL_INCHES
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), dpi=DPI)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    draw_bands(axes[0], bands)
     for i, (name, (train, evals)) in enumerate(runs.items()):
         colour = colours[i % len(colours)]
         ax = axes[0]
@@ -131,7 +144,7 @@ def main():
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got '{out}'")
     writable_folder(os.path.dirname(os.path.abspath(out)), "--out's folder")
-    fig = plot_runs(runs, args.title)
+    fig = plot_runs(runs, args.title, [band_for_run(d, warn=print) for d in args.out_dirs])
     with writing(out, kept="nothing was changed there"):
         if os.path.dirname(out):
             os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -5,10 +5,12 @@ Weights & Biases, and the one-line log format. On resume the record is cut back 
 
 import json
 import os
+import sys
 import time
 
 import torch
 
+from machinery.bands import BandWatch
 from machinery.cli import UsageError
 from machinery.faults import atomic_write, writing
 from machinery.health import SpikeWatch
@@ -27,6 +29,8 @@ class MetricsLog:
         self.accum_steps, self.grad_clip = env.accum_steps, config["grad_clip"]
         self.peak = peak_flops(env.device, env.dtype) if env.master else None
         self.clock, self.clock_iter = time.perf_counter(), None  # since when, and since which iteration
+        # the recipe's loss band, when the config file has one (bands.py): a line when the run leaves it
+        self.band = BandWatch.for_run(out_dir, config, sys.argv[1:], self.log) if env.master else None
 
     def log(self, line):
         if self.master:
@@ -59,10 +63,13 @@ class MetricsLog:
     def record(self, entry):
         if not self.master:
             return
+        named = self.band.announce(entry["iter"]) if self.band else None  # which band, for plot.py and the lens
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:  # a full disk: one line
-            f.write(json.dumps(entry) + "\n")
+            f.write("".join(json.dumps(e) + "\n" for e in (named, entry) if e))
         for sink in self.sinks:
             sink(entry)
+        if self.band:
+            self.band.check(self.log, entry)
 
     def log_train(self, entry, log):
         """A training entry: its log line, a warning if the loss spiked or MFU passed 100%, then the record."""

@@ -603,7 +603,7 @@ NUMBER = r"-?(?:\d[\d,]*)?\.?\d+(?:e[+-]\d+)?"
 
 
 TRAIN_SPEAKERS = ("train.py", "machinery/health.py", "machinery/metrics.py", "machinery/speed.py",
-                  "machinery/evaluation.py", "machinery/run_folder.py", "machinery/checkpoint.py")
+                  "machinery/evaluation.py", "machinery/run_folder.py", "machinery/checkpoint.py", "machinery/bands.py")
 
 
 def train_output_patterns():
