@@ -1,5 +1,5 @@
 """
-What each attention head does, in four numbers (docs chapter 9.11.1): three read from its attention weights,
+What each attention head does, in four numbers (docs chapter 5.6.1): three read from its attention weights,
 one from what the model loses without it.
 
 - previous-token score: the weight a position puts on the one just before it (1 = always the previous token);

@@ -1,6 +1,6 @@
 """
 The training timeline: light snapshots of the weights during a run, so that the lens can replay how the
-model got where it is (docs chapter 9.11.1).
+model got where it is (docs chapter 5.6.1).
 
 A snapshot is a model-only checkpoint, out_dir/timeline/step_<step>.pt (the same safe format as ckpt.pt, so
 `generate.py --ckpt` and `lens.py --ckpt` open one directly), and out_dir/timeline/timeline.json lists them:

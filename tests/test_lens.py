@@ -502,3 +502,74 @@ def test_browser_a_long_prompt_generates_and_a_failure_in_the_stream_is_shown(pa
     page.tab.wait_for_timeout(300)
     assert page.tab.locator("#generated .gen").count() == made < lens_module.GENERATE_LIMIT
     assert page.errors == []
+
+
+# ---- the training replay: a run's timeline on the page -------------------------------------------
+
+def snapshot_probs(path, ids):
+    """softmax of the last position's logits of the snapshot at path, loaded directly (not by the lens)."""
+    model, _ = load_model(path, "cpu")
+    with torch.no_grad():
+        return F.softmax(model(torch.tensor([ids]))[0][0, -1].float(), dim=-1)
+
+
+def open_training(page):
+    page.view("training")
+    page.tab.wait_for_function("document.body.dataset.training === undefined && "
+                               "document.querySelectorAll('#heads-table tr[data-layer]').length > 0")
+
+
+@pytest.mark.slow
+def test_browser_choosing_a_step_shows_that_snapshots_own_next_token_probabilities(page, page_lens, screenshots):
+    lens = page_lens[1]
+    steps = list(lens.snapshots)
+    assert steps and steps[0] == 0  # the run kept a timeline
+    ids = lens.prompt_ids(PROMPT)[0]
+    page.type_prompt(PROMPT)
+    page.view("next")
+    for step in (steps[len(steps) // 2], steps[0]):
+        page.tab.select_option("#step", str(step))
+        page.settle()
+        probs = snapshot_probs(lens.snapshots[step][1], ids)
+        bars = page.rows("#next-bars tr[data-id]", "id", "p")
+        assert [int(i) for i, _ in bars] == torch.topk(probs, len(bars)).indices.tolist()
+        assert max(abs(p - probs[int(i)].item()) for i, p in bars) < 1e-4
+    final = F.softmax(full_logits(lens, ids)[-1], dim=-1)
+    assert (final - probs).abs().max().item() > 1e-3  # step 0's model is not the trained one: the step mattered
+    page.tab.select_option("#step", "")  # back to the checkpoint
+    page.settle()
+    assert max(abs(p - final[int(i)].item()) for i, p in page.rows("#next-bars tr[data-id]", "id", "p")) < 1e-4
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_browser_the_training_view_replays_the_run_and_a_knockout_is_the_loss_without_that_head(page, page_lens,
+                                                                                                  screenshots):
+    lens = page_lens[1]
+    page.type_prompt(PROMPT)
+    open_training(page)
+    steps = list(lens.snapshots)
+    assert page.rows("#snapshot-steps button[data-step]:not([data-step=''])", "step") == [(s,) for s in steps]
+    page.tab.select_option("#head-metric", "knockout")
+    layer, head, step = 0, 0, steps[-1]  # in the CPU recipe, the previous-token head (chapter 5.6.1)
+    shown = page.tab.eval_on_selector(f"#heads-table tr[data-layer='{layer}'][data-head='{head}'] "
+                                      f"td[data-step='{step}']", "e => e.dataset.value")
+    # the same head removed by hand, in the snapshot loaded directly: its share of c_proj's input set to zero
+    model, _ = load_model(lens.snapshots[step][1], "cpu")
+    (X, Y), _ = lens.val_sample()
+    size = model.config.n_embd // model.config.n_head
+    with torch.no_grad():
+        base = model(X, Y)[1].item()
+        model.transformer.h[layer].attn.c_proj.weight[:, head * size:(head + 1) * size] = 0
+        without = model(X, Y)[1].item()
+    assert abs(float(shown) - (without - base)) < 1e-4
+    page.tab.click(f"#heads-table tr[data-layer='{layer}'][data-head='{head}'] th")  # the head's strip
+    page.tab.wait_for_function("document.body.dataset.training === undefined && "
+                               "document.querySelectorAll('#strip figure').length > 0")
+    assert page.rows("#strip figure", "step") == [(s,) for s in steps]
+    page.tab.click(f"#snapshot-steps button[data-step='{steps[len(steps) // 2]}']")  # a step chosen here ...
+    page.settle()
+    assert page.tab.input_value("#step") == str(steps[len(steps) // 2])  # ... is the step of every view
+    page.tab.select_option("#head-metric", "previous")
+    page.screenshot(screenshots, "lens-training.png")
+    assert page.errors == []

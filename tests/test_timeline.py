@@ -225,3 +225,31 @@ def test_a_knockout_is_the_loss_with_that_heads_output_zeroed_minus_the_loss():
         attn.c_proj.weight[:] = direct
     assert abs(effects[1][1] - (without - base)) < 1e-5
     assert base == pytest.approx(model(X, Y)[1].item())  # and the model is left as it was
+
+
+# ---- the lens's side: reading a run's timeline -----------------------------------------------------
+
+def test_the_lens_reads_the_runs_curves_and_snapshots(trained_run):
+    from generate import load_model
+    out = trained_run[0]
+    path = str(out / "best_model.pt")
+    lens = lens_module.Lens(*load_model(path, "cpu"), path, "cpu")
+    training = lens.training()
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        entries = [json.loads(line) for line in f]
+    assert training["train"] == [[e["iter"], e["loss"]] for e in entries if e["type"] == "train"]
+    assert [e[0] for e in training["eval"]] == [e["iter"] for e in entries if e["type"] == "eval"]
+    assert [s["step"] for s in training["snapshots"]] == [e["step"] for e in index(out)]
+    with pytest.raises(UsageError, match="no snapshot at step 3; its snapshots are at steps 0, 1, 2, 4"):
+        lens.analyse({"prompt": "ROMEO:", "step": 3})
+
+
+def test_a_broken_timeline_is_one_line_when_the_lens_opens_the_run(trained_run, tmp_path):
+    import shutil
+    from generate import load_model
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "timeline" / "timeline.json").write_text('{"format": 1, "snapshots": [{"step": 1}]}')
+    path = str(run / "best_model.pt")
+    with pytest.raises(UsageError, match="timeline.json has a snapshot entry without step, lr, loss"):
+        lens_module.Lens(*load_model(path, "cpu"), path, "cpu")
