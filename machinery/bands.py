@@ -309,9 +309,9 @@ def said(output):
     return [line for line in output.splitlines() if "(band: " in line]
 
 
-def check(config_path, seed, record):
+def check(config_path, seed, write_record):
     """The recipe with a seed the band has not seen, and at 10x its learning rate: what the band says of each
-    (and, with record, records/bands.json of it for the docs)."""
+    (and, with write_record, records/bands.json of it for the docs)."""
     path = band_path(config_path)
     if not os.path.isfile(path):
         raise UsageError(f"{config_path} has no band ({path} not found); measure it first: "
@@ -339,7 +339,7 @@ def check(config_path, seed, record):
             "lr10": {"learning_rate": rate, "lines": lines, "val_loss": final(fast_entries),
                      "step": int(re.search(r"iter (\d+)", lines[0]).group(1)) if lines else None}}
     print(json.dumps(data, indent=1))
-    if record:
+    if write_record:
         records().write_record("bands", f"{path} checked with a new seed and with 10x the learning rate",
                                f"python -m machinery.bands check {config_path} --seed {seed} --record", data, QUOTED)
 

@@ -265,9 +265,12 @@ def test_a_band_for_another_dataset_or_a_broken_one_does_not_stop_the_run(tmp_pa
 def checked():
     if not os.path.isfile(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
         pytest.skip("data/shakespeare_char is not prepared (python data.py --dataset=shakespeare_char)")
+    record = os.path.join(ROOT, "records", "bands.json")
+    before = open(record, encoding="utf-8").read()
     result = subprocess.run([sys.executable, "-m", "machinery.bands", "check", CPU, "--seed", "7"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert open(record, encoding="utf-8").read() == before  # only --record writes the record
     return json.loads(result.stdout)
 
 
