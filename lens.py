@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from data import load_split, windows_at
 from generate import load_model, parse_args as generate_flags
 from machinery import heads
+from machinery.bands import band_for_run
 from machinery.checkpoint import find_checkpoint, load_checkpoint
 from machinery.checks import LARGEST_INT, PORT_RANGE, integer
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
@@ -361,7 +362,7 @@ class Lens:
 
     def training(self):
         """The run's curves for the training view: train losses and evals from its metrics.jsonl (a long run's
-        thinned to CURVE_POINTS), and the snapshots with their own losses."""
+        thinned to CURVE_POINTS), the snapshots with their own losses, and its recipe's band."""
         train, evals = [], []
         path = os.path.join(self.run_folder, "metrics.jsonl")
         if os.path.isfile(path):
@@ -372,8 +373,8 @@ class Lens:
                     elif entry.get("type") == "eval" and finite(entry.get("val_loss")):
                         evals.append([entry["iter"], entry.get("train_loss"), entry["val_loss"]])
         every = max(1, math.ceil(len(train) / CURVE_POINTS))
-        return {"train": train[::every], "eval": evals[-CURVE_POINTS:],
-                "snapshots": self.describe()["snapshots"]}
+        return {"train": train[::every], "eval": evals[-CURVE_POINTS:], "snapshots": self.describe()["snapshots"],
+                "band": band_for_run(self.run_folder, warn=print)}  # the recipe's reference band, if it has one
 
     def strip(self, fields):
         """One head's attention to the prompt at every snapshot: {steps, maps (each T x T)}."""

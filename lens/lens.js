@@ -461,12 +461,20 @@ function drawCurves() {
   }
   for (const loss of [g.lo, (g.lo + g.hi) / 2, g.hi]) ctx.fillText(loss.toFixed(2), 4, g.y(loss) + 4);
   ctx.fillText("step (log scale)", g.right - 80, g.bottom + 26);
-  if (t.band) {  // the recipe's reference band: the range of its reference runs, step by step
+  if (t.band) {  // the recipe's reference band (machinery/bands.py): the range of its reference runs, step by step
+    const { steps, lo, hi } = t.band.train;
     ctx.fillStyle = "rgba(16, 185, 129, 0.18)";
     ctx.beginPath();
-    t.band.train.forEach((p, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, g.x(p[0]), g.y(p[2])));
-    [...t.band.train].reverse().forEach((p) => ctx.lineTo(g.x(p[0]), g.y(p[1])));
+    steps.forEach((step, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, g.x(step), g.y(Math.min(hi[i], g.hi))));
+    for (let i = steps.length - 1; i >= 0; i--) ctx.lineTo(g.x(steps[i]), g.y(Math.max(lo[i], g.lo)));
     ctx.fill();
+    ctx.strokeStyle = "rgba(16, 185, 129, 0.9)";  // each eval's val-loss range: a short vertical bar
+    t.band.eval.steps.forEach((step, i) => {
+      ctx.beginPath();
+      ctx.moveTo(g.x(step), g.y(t.band.eval.val_loss.lo[i]));
+      ctx.lineTo(g.x(step), g.y(t.band.eval.val_loss.hi[i]));
+      ctx.stroke();
+    });
   }
   ctx.strokeStyle = "#9ca3af";
   ctx.beginPath();

@@ -253,3 +253,17 @@ def test_a_broken_timeline_is_one_line_when_the_lens_opens_the_run(trained_run, 
     path = str(run / "best_model.pt")
     with pytest.raises(UsageError, match="timeline.json has a snapshot entry without step, lr, loss"):
         lens_module.Lens(*load_model(path, "cpu"), path, "cpu")
+
+
+def test_the_lens_draws_the_band_its_run_was_compared_with(trained_run, tmp_path):
+    import shutil
+    from generate import load_model
+    from machinery.bands import band_for_run
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # as train.py records a recipe's band
+        f.write(json.dumps({"type": "band", "iter": 5, "band": "config/shakespeare_char_cpu.band.json"}) + "\n")
+    path = str(run / "best_model.pt")
+    band = lens_module.Lens(*load_model(path, "cpu"), path, "cpu").training()["band"]
+    assert band == band_for_run(str(run)) and band["train"]["steps"][0] == 10
+    assert len(band["train"]["lo"]) == len(band["train"]["steps"]) and band["train"]["lo"][0] < band["train"]["hi"][0]
