@@ -30,6 +30,7 @@ from machinery.cli import ArgumentParser, UsageError, run_cli
 from machinery.faults import remove_leftovers, writing
 from machinery.gpt2_bpe import gpt2_hf_tokenizer
 from machinery.hf import ours_to_hf
+from machinery.quantization import is_quantized
 
 
 def hf_config(model_args, tokenizer):
@@ -143,6 +144,8 @@ def export(ckpt_path, out, force=False):
     """Write the checkpoint's model (and tokenizer) to out as a Hugging Face directory."""
     out = os.path.normpath(out)
     ckpt_path = in_run_folder(ckpt_path)
+    if is_quantized(ckpt_path):  # Hugging Face's GPT-2 layers hold float weights only
+        raise UsageError(f"'{ckpt_path}' is quantized (quantize.py); export the float checkpoint it came from")
     check_out_dir(out, force, ckpt_path)
     model, _, meta = model_from_checkpoint(ckpt_path)
     model_args, tokenizer, state = meta["model_args"], meta["tokenizer"], model.state_dict()

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANGS = ("en", "zh")
 CHAPTERS = ("00-knowledge-map.md", "01-configuration.md", "02-data.md", "03-training-loop.md",
             "04-experiments.md", "05-model.md", "06-generation.md", "07-scaling-out.md", "08-ablations.md",
-            "09-machinery.md", "10-build-up.md")
+            "09-machinery.md", "10-build-up.md", "11-quantization.md")
 BLOCK_KINDS = ("python excerpt", "python runnable", "text output", "bash runnable", "bash", "text")
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 CORE = ("model.py", "data.py", "train.py", "generate.py")
-PROGRAMS = ("lens.py", "export.py", "plot.py", "bench.py", "bench_corpus.py")
+PROGRAMS = ("lens.py", "export.py", "quantize.py", "plot.py", "bench.py", "bench_corpus.py")
 # the reading budget of issue 28 (nanoGPT's core, read the same way, is 5,075 tokens; its loop 354 tokens)
 CORE_TOKENS, TRAIN_TOKENS, LOOP_TOKENS, LOOP_NAMES, WIDTH = 6600, 2100, 450, 85, 100
 

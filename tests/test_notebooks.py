@@ -38,8 +38,8 @@ def test_images_point_at_docs_img_from_the_notebooks_folder(tmp_path):
         assert os.path.exists(os.path.join(tmp_path, target)), line
 
 
-def test_a_chapters_notebook_runs_top_to_bottom_in_one_namespace(tmp_path, monkeypatch):
-    name = "02-data.md"  # the fastest: its examples run in well under a second
+@pytest.mark.parametrize("name", ["02-data.md", "11-quantization.md"])  # the fastest, and the newest chapter
+def test_a_chapters_notebook_runs_top_to_bottom_in_one_namespace(tmp_path, monkeypatch, name):
     nb = nbformat.read(notebooks.write_notebook("en", name[:-3], str(tmp_path)), as_version=4)
     monkeypatch.chdir(ROOT)
     namespace = {"__name__": "__notebook__"}
