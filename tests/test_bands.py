@@ -4,6 +4,7 @@ band_for_run for plot.py and the lens, and (slow) the CPU recipe against its mea
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -178,6 +179,18 @@ def test_the_command_line_refuses_bad_requests_before_any_run(argv, said):
     assert result.returncode == 2 and said in result.stderr and result.stdout == "", result.stderr
 
 
+def test_under_torchrun_only_the_first_process_compares(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from machinery.metrics import MetricsLog
+    (tmp_path / "r.py").write_text("dataset = 'shakespeare_char'\n")
+    (tmp_path / "r.band.json").write_text(json.dumps(band_record()))
+    monkeypatch.setattr(sys, "argv", ["train.py", str(tmp_path / "r.py")])
+    config = {"grad_clip": 1.0, "dataset": "shakespeare_char", "init_from": "scratch"}
+    assert bands.BandWatch.for_run(str(tmp_path), config, sys.argv[1:], print) is not None  # the first process's
+    other = MetricsLog(str(tmp_path), config, SimpleNamespace(master=False, accum_steps=1), None, None, None, 1)
+    assert other.band is None
+
+
 def run_folder_with_band(tmp_path, record):
     (tmp_path / "x.band.json").write_text(json.dumps(record))
     out = tmp_path / "out"
@@ -261,17 +274,18 @@ def test_a_band_for_another_dataset_or_a_broken_one_does_not_stop_the_run(tmp_pa
 # ---- the shipped recipe against its measured band (slow: two real runs of the CPU recipe) ---------------------
 
 
-@pytest.fixture(scope="module")
-def checked():
-    if not os.path.isfile(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
-        pytest.skip("data/shakespeare_char is not prepared (python data.py --dataset=shakespeare_char)")
-    record = os.path.join(ROOT, "records", "bands.json")
-    before = open(record, encoding="utf-8").read()
-    result = subprocess.run([sys.executable, "-m", "machinery.bands", "check", CPU, "--seed", "7"], cwd=ROOT,
-                            capture_output=True, text=True)
+def recipe(out_dir, *flags):
+    """The CPU recipe as a learner runs it (its own threads, not the tests' one): its output and its entries."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "train.py", CPU, f"--out_dir={out_dir}", *flags], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert open(record, encoding="utf-8").read() == before  # only --record writes the record
-    return json.loads(result.stdout)
+    entries = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in result.stdout.splitlines() if "(band: " in line], entries
+
+
+needs_data = pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")),
+                                reason="data/shakespeare_char is not prepared (python data.py --dataset=shakespeare_char)")
 
 
 SHIPPED = sorted(f"config/{f}" for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".band.json"))
@@ -295,12 +309,30 @@ def test_each_shipped_band_is_five_seeds_or_more_of_its_recipe_with_the_command_
 
 
 @pytest.mark.slow
-def test_the_cpu_recipe_with_a_new_seed_stays_inside_its_band(checked):
-    assert checked["held_out"]["lines"] == [] and checked["held_out"]["outside"] == 0
+@needs_data
+def test_the_cpu_recipe_with_a_new_seed_stays_inside_its_band(tmp_path):
+    """Seed 7 is none of the band's. "Inside" as train.py judges it: no line, and the val loss within its band;
+    a single batch's loss may pass an edge now and then (the leave-one-out check of docs 3.12.1)."""
+    record = bands.load_band(os.path.join(ROOT, bands.band_path(CPU)))
+    assert "7" not in record["seeds"]
+    lines, entries = recipe(tmp_path / "seed7", "--seed=7")
+    assert lines == []
+    band = bands.limits(record)
+    logs = [e for e in entries if e["type"] == "train" and e["iter"] in band["loss"]]
+    outside = [e["iter"] for e in logs if not band["loss"][e["iter"]][0] <= e["loss"] <= band["loss"][e["iter"]][1]]
+    assert len(logs) == 45 and len(outside) <= 0.1 * len(logs), outside
+    [final] = [e for e in entries if e["type"] == "eval"]
+    lo, hi = band["val_loss"][final["iter"]]
+    assert final["iter"] == 450 and lo < final["val_loss"] < hi
 
 
 @pytest.mark.slow
-def test_the_cpu_recipe_at_ten_times_its_learning_rate_is_flagged_with_the_step_in_one_line(checked):
-    lines = checked["lr10"]["lines"]
-    assert len(lines) == 1 and lines[0].startswith("warning: the loss is above this recipe's band from iter ")
-    assert f"iter {checked['lr10']['step']} on" in lines[0]
+@needs_data
+def test_the_cpu_recipe_at_ten_times_its_learning_rate_is_flagged_with_the_step_in_one_line(tmp_path):
+    """The first 60 steps of the recipe at 10x its rate are the real recipe's first 60 (the schedule runs to
+    lr_decay_iters = 450 whatever max_iters is; the eval at 60 is none of the band's): enough to be flagged."""
+    lines, _ = recipe(tmp_path / "lr10", "--seed=7", "--learning_rate=0.1", "--max_iters=60")
+    assert len(lines) == 1
+    said = re.match(r"warning: the loss is above this recipe's band from iter (\d+) on \(3 logs in a row\): [\d.]+ at "
+                    r"iter (\d+) against at most [\d.]+ \(\+[\d.]+\); usual causes: ", lines[0])
+    assert said and int(said[2]) == int(said[1]) + 20 <= 60, lines[0]
