@@ -571,5 +571,5 @@ def test_browser_the_training_view_replays_the_run_and_a_knockout_is_the_loss_wi
     page.settle()
     assert page.tab.input_value("#step") == str(steps[len(steps) // 2])  # ... is the step of every view
     page.tab.select_option("#head-metric", "previous")
-    page.screenshot(screenshots, "lens-training.png")
+    page.tab.locator("#view-training").screenshot(path=os.path.join(screenshots, "lens-training.png"))
     assert page.errors == []
