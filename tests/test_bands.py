@@ -179,6 +179,15 @@ def test_the_command_line_refuses_bad_requests_before_any_run(argv, said):
     assert result.returncode == 2 and said in result.stderr and result.stdout == "", result.stderr
 
 
+def test_a_resumed_run_named_by_its_folder_alone_keeps_the_band_its_record_names(tmp_path):
+    out = run_folder_with_band(tmp_path, band_record())
+    resumed = {"dataset": "shakespeare_char", "init_from": "resume"}
+    watch = bands.BandWatch.for_run(str(out), resumed, [f"--out_dir={out}", "--init_from=resume"], print)
+    assert watch.path == str(tmp_path / "x.band.json") and watch.announce(60) == {"type": "band", "iter": 60,
+                                                                                 "band": watch.path}
+    assert bands.BandWatch.for_run(str(out), {**resumed, "init_from": "scratch"}, [], print) is None
+
+
 def test_under_torchrun_only_the_first_process_compares(tmp_path, monkeypatch):
     from types import SimpleNamespace
     from machinery.metrics import MetricsLog
