@@ -9,6 +9,7 @@ hits both alike, each figure the median of several repeats.
     python bench.py --recipe --nanogpt=../nanoGPT      # time to val 1.88: our CPU recipe vs nanoGPT's own code
     python bench.py --recipe --nanogpt=../nanoGPT --keep_runs=out-recipe  # ... and keep our runs for plot.py
     python bench.py --json                             # also one JSON object per measurement on stdout
+    python bench.py --training --record bench_cpu      # only the training rows, also as records/bench_cpu.json
 
 Each row is printed as soon as it is measured, and a line on stderr says what is being measured now; Ctrl-C
 keeps the rows printed so far (the one in progress is lost) and exits with status 130.
@@ -57,8 +58,9 @@ GPT2_SHAPE, GPT2_VOCAB = ("gpt2-124M", 12, 12, 768, 1024, 12), 50304
 
 
 def reference_path(device_type):
-    """What nanoGPT does: eager fp32 + foreach AdamW + a host sync per step on CPU; on CUDA bf16
-    autocast, torch.compile, fused SDPA and fused AdamW, syncing only to log."""
+    """What nanoGPT does: eager fp32 + AdamW with no flag (fused=True only on CUDA), which PyTorch runs
+    as its for-loop implementation on CPU tensors, + a host sync per step on CPU; on CUDA bf16 autocast,
+    torch.compile, fused SDPA and fused AdamW, syncing only to log."""
     if device_type == "cuda":
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return {"dtype": dtype, "compile": True, "fused_adamw": True, "sync_every_step": False}
@@ -79,8 +81,8 @@ class Trainer:
                                    vocab_size=vocab)).to(device)
         device_type = devices.device_type(device)
         groups = [{"params": list(self.model.parameters()), "name": "all"}]
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=path["fused_adamw"],
-                                           foreach=None if path["fused_adamw"] else True)
+        # as nanoGPT's configure_optimizers: fused=True where the path fuses, else no flag (PyTorch's default)
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **({"fused": True} if path["fused_adamw"] else {}))
         self.forward = torch.compile(self.model) if path["compile"] else self.model
         dtype = getattr(torch, path["dtype"])
         self.autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
@@ -476,7 +478,10 @@ def main():
     p.add_argument("--rounds", type=integer(1), default=2,
                    help="for --recipe: interleaved rounds; the last row is their median")
     p.add_argument("--keep_runs", help="for --recipe: keep our runs in this folder (ours0/, ours1/, ...)")
+    p.add_argument("--training", action="store_true", help="only: the training rows (default shapes or --config)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
+    p.add_argument("--record", help="also write the rows as records/RECORD.json (docs/record.py), keeping the "
+                                    "texts the docs quote of an earlier record of that name")
     args = p.parse_args()
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
@@ -496,8 +501,8 @@ def main():
         c = configurator.load_config(configurator.train_defaults(), [args.config])
         shapes = [(os.path.basename(args.config), c["n_layer"], c["n_head"], c["n_embd"], c["block_size"],
                    c["batch_size"])]
-    default_run = not (args.data or args.recipe or args.decode or args.gpt2)
-    if default_run:  # the peaks train.py's MFU divides by (measured once per machine, then cached)
+    default_run = not (args.data or args.recipe or args.decode or args.gpt2 or args.training)
+    if default_run or args.training:  # the peaks train.py's MFU divides by (measured once per machine, then cached)
         device_type = devices.device_type(device)
         dtypes = {fast_path(device_type, shape[3])["dtype"] for shape in shapes}
         dtypes.add(reference_path(device_type)["dtype"])
@@ -514,6 +519,10 @@ def main():
     elif args.gpt2:
         for row in bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB):
             show(row)
+    elif args.training:
+        for shape in shapes:
+            for row in bench_training(shape, device, args.repeats):
+                show(row)
     else:
         for shape in shapes:
             for row in bench_training(shape, device, args.repeats):
@@ -527,7 +536,24 @@ def main():
             for row in bench_training(GPT2_SHAPE, device, args.repeats, vocab=GPT2_VOCAB):
                 show(row)
             bench_decode(device, args.repeats, show=show)
+    if args.record:
+        write_bench_record(args.record, info, table.rows)
     return table.rows
+
+
+def write_bench_record(name, info, rows):
+    """records/<name>.json from this run's rows (docs/record.py: write_record), one entry per row named
+    <metric>_<shape>, keeping the quoted texts of an earlier record of that name (the docs' quotes of it)."""
+    import importlib.util
+    import re
+    spec = importlib.util.spec_from_file_location("record", os.path.join(ROOT, "docs", "record.py"))
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    path = os.path.join(record.RECORDS, f"{name}.json")
+    quoted = record.load(path)["quoted"] if os.path.exists(path) else []
+    data = {**info, **{re.sub(r"\W", "_", f"{r['metric']}_{r['shape']}"): r for r in rows}}
+    record.write_record(name, "bench.py rows: " + ", ".join(f"{r['metric']} {r['shape']}" for r in rows),
+                        "python bench.py " + " ".join(sys.argv[1:]), data, quoted)
 
 if __name__ == "__main__":
     run_cli(main, INTERRUPTED)

@@ -1,8 +1,9 @@
 """
 Checkpoints and resume state: written atomically, read without unpickling anything.
 
-A checkpoint is a dict of tensors (model, optimizer and scaler state, RNG states) saved with
-torch.save, plus one JSON string `meta` (configuration, tokenizer, iteration, best val loss).
+A checkpoint is a dict of tensors (model, optimizer and scaler state, RNG states: every process's under
+torchrun) saved with torch.save, plus one JSON string `meta` (configuration, tokenizer, iteration, best val
+loss) and its format number; the optimizer and scaler states hold plain numbers, strings and tuples too.
 It is loaded with torch.load(weights_only=True), which only rebuilds tensors and plain containers:
 a file from a stranger cannot run code on your machine. A nanoGPT ckpt.pt is read the same way and
 converted to ours (machinery/nanogpt.py: converted). generate.py: model_from_checkpoint builds the
@@ -203,7 +204,7 @@ class Checkpoints:
         from machinery import distributed  # (training code: sampling, which reads checkpoints, never loads it)
         model_state, optimizer_states = distributed.full_states(self.model, self.optimizers, self.env.fsdp)
         tensors = {"model": model_state, "optimizers": optimizer_states, "scaler": self.scaler.state_dict(),
-                   **rng_state(self.batches.state)}
+                   **rng_state(self.batches.state, self.env)}
         ckpt_meta = {"model_args": self.model_args, "config": self.config, "iter_num": iter_num,
                      "fsdp": self.env.fsdp, "best_val_loss": evals.best_val_loss,
                      "tokenizer": self.meta["tokenizer"], "dataset": self.config["dataset"],
@@ -235,7 +236,7 @@ class Checkpoints:
             return nanogpt.resume_optimizer(ckpt, self.optimizers, self.env.master)
         distributed.load_optimizer_states(self.model, self.optimizers, ckpt["optimizers"], self.env.fsdp)
         self.scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt, self.batches.rng)
+        restore_rng(ckpt, self.batches.rng, self.env.rank)
 
 
 def save_checkpoints(out_dir, tensors, ckpt_meta, improved, keep_last_n):
@@ -255,27 +256,54 @@ def keep_periodic_checkpoint(out_dir, iter_num, tensors, ckpt_meta, keep):
         os.remove(os.path.join(out_dir, old))
 
 
-def rng_state(batch_state):
-    """Every random state training draws from, as tensors (restored exactly on resume)."""
+def rng_state(batch_state, env=None):
+    """Every random state training draws from, as tensors (restored exactly on resume): the batches' (the
+    same in every process), this process's own under their names, and under torchrun every process's
+    (each seeds its own: seed + rank, for its own dropout masks) in `rng_processes`, one row per rank."""
+    state = {**process_rng_state(), "rng_batches": batch_state}
+    if env is not None and env.ddp:  # (collective: every process gathers them, the first one saves them)
+        state["rng_processes"] = {k: gathered(v, env.stop_group) for k, v in process_rng_state().items()}
+    return state
+
+
+def process_rng_state():
+    """This process's random states as tensors: torch's CPU generator, CUDA's (one row per GPU), Python's
+    and NumPy's (Mersenne Twister words and position)."""
     import random
     import numpy as np
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
-    state = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_state,
-             "rng_python": torch.tensor(py_state, dtype=torch.int64),
+    state = {"rng_torch": torch.get_rng_state(), "rng_python": torch.tensor(py_state, dtype=torch.int64),
              "rng_numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "rng_numpy_pos": torch.tensor(np_state[2])}
     if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        state["rng_cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (GPUs, state bytes)
     return state
 
 
-def restore_rng(ckpt, batch_rng):
+def gathered(tensor, group):
+    """(world_size, *tensor.shape): the tensor of every process, by rank (collective; CPU tensors, so a
+    gloo group: the run's own under gloo, stop_group under NCCL)."""
+    rows = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, tensor, group=group)
+    return torch.stack(rows)
+
+
+def restore_rng(ckpt, batch_rng, rank=0):
+    """The batches' state, and this process's own random states: its row of `rng_processes`, else (a
+    one-process checkpoint, or one from before they were saved) the first process's, which only the
+    first process restores; any other keeps its fresh seed + rank (train.py)."""
     import random
     import numpy as np
-    torch.set_rng_state(ckpt["rng_torch"].cpu())
     batch_rng.set_state(ckpt["rng_batches"].cpu())
+    rows = ckpt.get("rng_processes")
+    if rows is not None and rank < len(rows["rng_torch"]):
+        ckpt = {k: v[rank].clone() for k, v in rows.items()}  # (set_state reads a view's storage from its start)
+    elif rank > 0:
+        return
+    torch.set_rng_state(ckpt["rng_torch"].cpu())
     random.setstate((3, tuple(ckpt["rng_python"].tolist()), None))
-    np.random.set_state(("MT19937", ckpt["rng_numpy"].numpy().astype(np.uint32), int(ckpt["rng_numpy_pos"]), 0, 0.0))
+    words = ckpt["rng_numpy"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", words, int(ckpt["rng_numpy_pos"]), 0, 0.0))
     if "rng_cuda" in ckpt and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])

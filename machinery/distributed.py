@@ -68,7 +68,8 @@ def full(tensor):
 
 
 def full_states(model, optimizers, fsdp):
-    """The unsharded model and optimizer state dicts (with FSDP: gathered onto every process's CPU)."""
+    """The unsharded model and optimizer state dicts (collective with FSDP: gathered onto the first process's
+    CPU; with cpu_offload=True PyTorch hands the full dicts to rank 0 only, the others get empty ones)."""
     if not fsdp:
         return model.state_dict(), [o.state_dict() for o in optimizers]
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,

@@ -29,8 +29,9 @@ class Guard:
     def __init__(self, optimizers, scaler, max_bad_steps, env, model, ckpt_path, progress):
         self.optimizers, self.scaler, self.max_bad_steps = optimizers, scaler, max_bad_steps
         self.model, self.ckpt_path, self.progress = model, ckpt_path, progress
-        # fused AdamW and, on a GPU, Muon skip their own update on the device; FSDP makes the host look first
-        # (on a CPU a host read costs nothing, and Muon's plain step keeps its results bit for bit)
+        # decided on the device when every optimizer skips its own update given found_inf: fused AdamW on any
+        # device (AdamW alone on a CPU too), Muon on a GPU only (on a CPU a host read costs nothing, and
+        # Muon's plain step keeps its results bit for bit); under FSDP the host decides, with float16 the scaler
         muon_on_device = env.device_type == "cuda"
         self.on_device = not env.fsdp and not scaler.is_enabled() and all(
             o.defaults.get("fused") or (muon_on_device and isinstance(o, Muon)) for o in optimizers)

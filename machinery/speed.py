@@ -8,6 +8,7 @@ starts (the medians of a few timed training steps and evaluation batches, times 
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -27,23 +28,25 @@ def estimate_mfu(model, tokens_per_second, peak_flops):
     return flops_per_token(model) * tokens_per_second / peak_flops
 
 
-# Peak dense matmul throughput (FLOP/s) of known GPUs, from their vendors' data sheets, used for MFU.
+# Peak dense matmul throughput (FLOP/s) of known GPUs, from their vendors' data sheets (dense: half the
+# figures "with sparsity"), used for MFU: name -> (bfloat16, float16, float32), None where the data sheet has
+# none. A device name matches a row when it holds the row's name as whole words ('NVIDIA L40S' is not an L4,
+# 'NVIDIA GH200' not an H200), and the first row that matches wins, so each variant comes before its family:
+# 'NVIDIA H100 PCIe' and 'NVIDIA H100 NVL' get their own peaks, the SXM ('NVIDIA H100 80GB HBM3') the family's.
 PUBLISHED_PEAK_FLOPS = {
-    ("A100", torch.bfloat16): 312e12, ("A100", torch.float16): 312e12, ("A100", torch.float32): 19.5e12,
-    ("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
-    ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12,
-    ("V100", torch.float16): 125e12, ("V100", torch.float32): 15.7e12,
-    ("T4", torch.float16): 65e12, ("T4", torch.float32): 8.1e12,
-    ("L4", torch.bfloat16): 121e12, ("L4", torch.float16): 121e12, ("L4", torch.float32): 30e12,
-    ("4090", torch.bfloat16): 165e12, ("4090", torch.float16): 165e12, ("4090", torch.float32): 82.6e12,
+    "H100 PCIe": (756e12, 756e12, 51e12), "H100 NVL": (835e12, 835e12, 60e12), "H100": (989e12, 989e12, 67e12),
+    "H200 NVL": (835e12, 835e12, 60e12), "H200": (989e12, 989e12, 67e12),
+    "A100": (312e12, 312e12, 19.5e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
+    "L4": (121e12, 121e12, 30e12), "4090": (165e12, 165e12, 82.6e12),
 }
+PEAK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the order of each row's peaks
 
 
 def published_peak_flops(device_name, dtype):
     """The data-sheet peak for a known GPU name (e.g. 'NVIDIA H100 80GB HBM3'), else None."""
-    for (gpu, peak_dtype), flops in PUBLISHED_PEAK_FLOPS.items():
-        if gpu in device_name and peak_dtype == dtype:
-            return flops
+    for gpu, peaks in PUBLISHED_PEAK_FLOPS.items():
+        if re.search(rf"\b{re.escape(gpu)}\b", device_name):
+            return peaks[PEAK_DTYPES.index(dtype)] if dtype in PEAK_DTYPES else None
     return None
 
 

@@ -27,6 +27,29 @@ def test_training_row_is_a_side_by_side_ratio():
     assert row["fast_mfu"] == pytest.approx(flops * row["fast"] / peak)
 
 
+def test_the_reference_adamw_is_nanogpts_on_a_cpu():
+    """nanoGPT passes fused=True on CUDA only, so on a CPU PyTorch picks: its for-loop AdamW, not foreach."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+    reference = bench.Trainer(TINY_SHAPE, bench.reference_path("cpu"), "cpu").optimizer
+    assert reference.defaults["fused"] is None and reference.defaults["foreach"] is None
+    params = reference.param_groups[0]["params"]
+    assert _default_to_fused_or_foreach(params, differentiable=False, use_fused=False) == (False, False)
+    fast = bench.Trainer(TINY_SHAPE, {**fast_path("cpu", TINY_SHAPE[3]), "fused_adamw": True,
+                                      "sync_every_step": False}, "cpu").optimizer
+    assert fast.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("name, bf16_tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                               ("NVIDIA H100 NVL", 835), ("NVIDIA H200 NVL", 835),
+                                               ("NVIDIA L40S", None), ("NVIDIA L4", 121), ("NVIDIA RTX A1000", None),
+                                               ("NVIDIA A100-SXM4-80GB", 312), ("Tesla T4", None)])
+def test_the_published_peak_is_the_variants_own(name, bf16_tflops):
+    """Whole words, variants first: an H100 PCIe or NVL is not the SXM, an L40S is not an L4."""
+    from machinery.speed import published_peak_flops
+    peak = published_peak_flops(name, torch.bfloat16)
+    assert (peak and peak / 1e12) == bf16_tflops
+
+
 def test_generation_and_eval_rows_compare_cache_and_modes():
     rows = bench.bench_generation("cpu", repeats=1, new_tokens=6, shape=TINY_SHAPE)
     assert [r["shape"] for r in rows] == ["tiny batch 1 short prompt", "tiny batch 1 half_block prompt",

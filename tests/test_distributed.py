@@ -65,6 +65,27 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_loads_for_generation(
     assert load_checkpoint(sharded / "ckpt.pt")[1]["iter_num"] == 8
 
 
+def test_a_resumed_run_with_dropout_continues_exactly_on_every_process(char_data, tmp_path):
+    """Each process draws its own dropout masks (seed + rank): a run stopped at iteration 3 and resumed
+    must take the unbroken run's steps 4-6, on rank 1 too, whose states only rng_processes holds."""
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    dropout = ["--dropout=0.2", "--log_interval=1"]
+    for out, extra in ((unbroken, []), (broken, ["--max_iters=3"]), (broken, ["--init_from=resume"])):
+        result = torchrun(2, *args(char_data, out, *dropout, *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, _ = load_checkpoint(unbroken / "ckpt.pt")
+    b, meta = load_checkpoint(broken / "ckpt.pt")
+    assert meta["iter_num"] == 6 and b["rng_processes"]["rng_torch"].shape[0] == 2
+    assert not torch.equal(b["rng_processes"]["rng_torch"][0], b["rng_processes"]["rng_torch"][1])
+    for name, tensor in a["model"].items():  # the average of both processes' gradients, every step
+        assert torch.equal(tensor, b["model"][name]), name
+
+    def losses(out):
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["iter"]: r["loss"] for r in lines if r["type"] == "train"}
+    assert losses(unbroken) == losses(broken) and sorted(losses(broken)) == [1, 2, 3, 4, 5, 6]
+
+
 def test_fsdp_without_torchrun_is_one_clear_line(char_data, tmp_path):
     result = run_script("train.py", *args(char_data, tmp_path / "o", "--fsdp=True"))
     assert result.returncode == 2 and "launch it with torchrun" in result.stderr
