@@ -4,6 +4,7 @@ See through a trained checkpoint: a local page that shows what the model does wi
     python lens.py --ckpt out-shakespeare-char-cpu       # a run folder (its best_model.pt) or a checkpoint file
     python lens.py --ckpt best_model.pt --port 8000      # the newest best_model.pt below this folder
     python lens.py --ckpt out-shakespeare-char-cpu --heads   # what each head does at each snapshot, as JSON
+    python lens.py --ckpt out-shakespeare-char-cpu --compare out-shakespeare-char-cpu/best_model-int8.safetensors
 
 The page (lens/index.html, lens.js, lens.css) only draws: every number it shows comes from here, and
 here from the model's own code. An analysis is one traced forward (`lens.py: trace`, forward hooks on the model);
@@ -11,7 +12,8 @@ the sampling settings reshape the probabilities through `model.py: sampling_prob
 `sample_next` draws from; generation is `model.py: GPT.generate_stream`, seeded as `generate.py` seeds it.
 A run folder with a training timeline (machinery/timeline.py) is replayed: every view can show the model as
 it was at any snapshot (the request's `step`), the training view draws the run's curves, and the heads'
-scores (machinery/heads.py) are read at every snapshot.
+scores (machinery/heads.py) are read at every snapshot. With --compare, a second checkpoint of the same model
+(quantize.py's output, say) has its next-token probabilities shown beside the first's.
 
 The server is a local one that any web page could try to reach, so it defends itself (docs chapter 9.11):
 it answers only requests addressed to it by name (`Handler.check_host`: DNS rebinding), reads no body larger
@@ -45,10 +47,11 @@ from generate import load_model, parse_args as generate_flags
 from machinery import heads
 from machinery.bands import band_for_run
 from machinery.checkpoint import find_checkpoint, load_checkpoint
-from machinery.checks import LARGEST_INT, PORT_RANGE, integer
+from machinery.checks import LARGEST_INT, PORT_RANGE, integer, pathname
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import pick_device
 from machinery.metrics import metrics_entry
+from machinery.quantization import is_quantized, load_quantized
 from machinery.timeline import run_folder_of, snapshots_of
 from model import sampling_probs
 
@@ -194,8 +197,9 @@ class Lens:
     """A loaded model and its tokenizer, and the questions the page asks of them. One request uses the model
     at a time; a generation takes the lock for each of its steps, so the page stays answerable meanwhile."""
 
-    def __init__(self, model, tokenizer, path, device):
+    def __init__(self, model, tokenizer, path, device, compare=None):
         self.model, self.tokenizer, self.path, self.device = model, tokenizer, path, device
+        self.compare = compare  # (model, path) whose next-token probabilities the page shows beside the model's
         self.lock = threading.Lock()
         self.run_folder = run_folder_of(path)
         self.snapshots = {entry["step"]: (entry, file) for entry, file in snapshots_of(self.run_folder)}
@@ -207,7 +211,7 @@ class Lens:
                 "tokenizer": self.tokenizer.describe()["kind"], "n_layer": config.n_layer, "n_head": config.n_head,
                 "n_embd": config.n_embd, "block_size": config.block_size, "vocab_size": config.vocab_size,
                 "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP,
-                "body_limit": BODY_LIMIT,
+                "body_limit": BODY_LIMIT, "compare": self.compare and self.compare[1],
                 "snapshots": [{k: e[k] for k in ("step", "lr", "loss")} for e, _ in self.snapshots.values()]}
 
     def dtype(self):
@@ -263,9 +267,12 @@ class Lens:
             for layer, x in enumerate(inside["residual"]):
                 summary, logits = self.stage(model, layer, x[0], position)
                 stages.append(summary)
+            # the second model's prediction after the same position, beside the checkpoint's (not a snapshot's)
+            other = None if self.compare is None or fields.get("step") not in (None, "") else \
+                self.compare[0](torch.tensor([ids[:position + 1]], device=self.device))[0][0, -1].float()
             # the lens of the last block's stream is the model's own prediction, at every position
             return {"tokens": [self.token(i) for i in ids], "note": note, "position": position,
-                    "settings": settings, "next": self.next_token(logits[position], settings),
+                    "settings": settings, "next": self.next_token(logits[position], settings, other),
                     "stack": stages, **self.attention(inside["attention"], len(ids))}
 
     def stage(self, model, layer, x, position):
@@ -279,16 +286,25 @@ class Lens:
                 "top": [self.token(i, p) for i, p in zip(top_id.tolist(), top_p.tolist())],
                 "detail": [self.token(i, p) for i, p in zip(detail.indices.tolist(), detail.values.tolist())]}, logits
 
-    def next_token(self, logits, settings):
-        """The model's top tokens after one position, and what the sampling settings make of them."""
+    def next_token(self, logits, settings, other=None):
+        """The model's top tokens after one position, and what the sampling settings make of them; with other
+        (the compared model's logits there), each token's probability under it too, and how far apart they are."""
         probs = F.softmax(logits, dim=-1)  # (V,)
         sampled = sampling_probs(logits[None], settings["temperature"], settings["top_k"], settings["top_p"])[0]
         top = torch.topk(probs, min(TOP, probs.numel()))
         rows = [dict(self.token(i, p), sampled=round(sampled[i].item(), 6))
                 for i, p in zip(top.indices.tolist(), top.values.tolist())]
-        return {"top": rows, "kept": int((sampled > 0).sum()), "vocab_size": probs.numel(),
-                "rest": round(1 - top.values.sum().item(), 6),
-                "rest_sampled": round(1 - sampled[top.indices].sum().item(), 6)}
+        answer = {"top": rows, "kept": int((sampled > 0).sum()), "vocab_size": probs.numel(),
+                  "rest": round(1 - top.values.sum().item(), 6),
+                  "rest_sampled": round(1 - sampled[top.indices].sum().item(), 6), "compare": None}
+        if other is not None:
+            q = F.softmax(other, dim=-1)
+            for row in rows:
+                row["p_compare"] = round(q[row["id"]].item(), 6)
+            kl = (probs * (F.log_softmax(logits, dim=-1) - F.log_softmax(other, dim=-1))).sum().item()
+            answer["compare"] = {"path": self.compare[1], "kl": round(kl, 6), "top": self.token(int(q.argmax()),
+                                                                                                q.max().item())}
+        return answer
 
     def attention(self, weights, T):
         """Every layer's and head's weights (nh, T, T), unless there are too many to send to a page."""
@@ -414,8 +430,8 @@ class Lens:
     def val_sample(self):
         """((X, Y), what it is) of the fixed sample the heads are scored on: SAMPLE_WINDOWS windows spread
         evenly over the run's val split; (None, why not) when the split is not on this machine."""
-        config = load_checkpoint(self.path)[1].get("config", {})
-        data_dir, dataset = config.get("data_dir", "data"), config.get("dataset", "")
+        meta = (load_quantized if is_quantized(self.path) else load_checkpoint)(self.path)[1]
+        data_dir, dataset = meta.get("config", {}).get("data_dir", "data"), meta.get("dataset", "")
         block_size = self.model.config.block_size
         try:
             val = load_split(data_dir, dataset, "val")
@@ -698,10 +714,22 @@ def parse_args(argv=None):
     p.add_argument("--port", type=integer(*PORT_RANGE), default=0, help="the port; 0 = a free one")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--compare", type=pathname, default=None,
+                   help="a second checkpoint of the same model (e.g. quantize.py's output): its next-token "
+                        "probabilities are shown beside the first's")
     p.add_argument("--heads", action="store_true",
                    help="print what each head does at each snapshot of the run (JSON) and exit: previous-token, "
                         "induction and first-token scores, knock-out effect on the val loss")
     return p.parse_args(argv)
+
+
+def compared_model(model, tokenizer, path, device, dtype):
+    """(model, path) of --compare, which must read the same tokens as the first model."""
+    other, other_tokenizer = load_model(path, device, dtype)
+    if other_tokenizer.describe() != tokenizer.describe() or other.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"--compare {path} reads other tokens than the checkpoint (its tokenizer or vocabulary "
+                         "differs); compare two checkpoints of the same model, e.g. one and its quantize.py output")
+    return other, path
 
 
 def main():
@@ -709,10 +737,12 @@ def main():
     device = pick_device(args.device)
     path = find_checkpoint(args.ckpt)
     model, tokenizer = load_model(path, device, args.dtype)
+    compare = args.compare and compared_model(model, tokenizer, find_checkpoint(args.compare), device, args.dtype)
+    lens = Lens(model, tokenizer, path, device, compare)
     if args.heads:
-        print(json.dumps(Lens(model, tokenizer, path, device).heads(), indent=1))
+        print(json.dumps(lens.heads(), indent=1))
         return
-    with make_server(Lens(model, tokenizer, path, device), args.host, args.port) as server:
+    with make_server(lens, args.host, args.port) as server:
         host, port = server.server_address[:2]
         if not is_loopback(host):
             print(f"warning: the lens listens on {host}:{port}, beyond this machine: it has no password, and "

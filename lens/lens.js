@@ -153,22 +153,28 @@ function drawTokens() {
 function drawNext() {
   const { next, settings: s, tokens, position } = state.answer;
   $("next-title").textContent = `after position ${position} (“${shown(tokens[position].text)}”)`;
-  const scale = Math.max(...next.top.map((r) => Math.max(r.p, r.sampled)));
-  const rows = next.top.map((r, rank) => el("tr", { dataset: { id: r.id, p: r.p, sampled: r.sampled } },
-    el("td", {}, String(rank + 1)),
-    el("td", { className: "mono" }, shown(r.text)),
-    el("td", { className: "mono" }, `id ${r.id}`),
-    el("td", {}, el("div", { className: "bar" },
-      el("span", { className: "model", style: `width: ${100 * r.p / scale}%` }),
-      el("span", { className: "sampled", style: `width: ${100 * r.sampled / scale}%` }))),
-    el("td", {}, pct(r.p)),
-    el("td", {}, pct(r.sampled))));
-  const head = el("tr", {}, ...["", "token", "", "", "model", "sampled"].map((h) => el("th", {}, h)));
-  $("next-bars").replaceChildren(head, ...rows);
+  const other = next.compare;  // lens.py --compare: a second model's probabilities, beside (orange)
+  const scale = Math.max(...next.top.map((r) => Math.max(r.p, r.sampled, r.p_compare ?? 0)));
+  const rows = next.top.map((r, rank) => el("tr", { dataset: { id: r.id, p: r.p, sampled: r.sampled,
+    ...(other ? { pCompare: r.p_compare } : {}) } },
+  el("td", {}, String(rank + 1)),
+  el("td", { className: "mono" }, shown(r.text)),
+  el("td", { className: "mono" }, `id ${r.id}`),
+  el("td", {}, el("div", { className: `bar${other ? " three" : ""}` },
+    el("span", { className: "model", style: `width: ${100 * r.p / scale}%` }),
+    el("span", { className: "sampled", style: `width: ${100 * r.sampled / scale}%` }),
+    ...(other ? [el("span", { className: "compare", style: `width: ${100 * r.p_compare / scale}%` })] : []))),
+  el("td", {}, pct(r.p)),
+  el("td", {}, pct(r.sampled)),
+  ...(other ? [el("td", {}, pct(r.p_compare))] : [])));
+  const names = ["", "token", "", "", "model", "sampled", ...(other ? ["compared"] : [])];
+  $("next-bars").replaceChildren(el("tr", {}, ...names.map((h) => el("th", {}, h))), ...rows);
   $("next-summary").textContent =
     `temperature ${s.temperature}, top-k ${s.top_k ?? "off"}, top-p ${s.top_p ?? "off"}: ` +
     `${next.kept} of ${next.vocab_size} tokens can be drawn. The tokens not listed hold ${pct(next.rest)} ` +
-    `of the model's probability and ${pct(next.rest_sampled)} after the settings.`;
+    `of the model's probability and ${pct(next.rest_sampled)} after the settings.` + (other ? ` Compared ` +
+    `(orange): ${other.path}, whose most likely token is “${shown(other.top.text)}” (${pct(other.top.p)}); ` +
+    `KL(model ‖ compared) = ${other.kl.toFixed(5)} nats.` : "");
 }
 
 // ---- Attention -------------------------------------------------------------------------------

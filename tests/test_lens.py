@@ -573,3 +573,44 @@ def test_browser_the_training_view_replays_the_run_and_a_knockout_is_the_loss_wi
     page.tab.select_option("#head-metric", "previous")
     page.tab.locator("#view-training").screenshot(path=os.path.join(screenshots, "lens-training.png"))
     assert page.errors == []
+
+
+# ---- a second model beside the first: lens.py --compare (a quantized checkpoint, say) -----------------
+
+@pytest.fixture(scope="module")
+def compared_lens(trained_run, tmp_path_factory):
+    """The tiny trained model with its int4 quantization (groups of 16) beside it, served."""
+    from quantize import quantize_checkpoint
+    path = str(trained_run[0] / "best_model.pt")
+    quantized, _ = quantize_checkpoint(path, "int4", 16, out=str(tmp_path_factory.mktemp("q") / "int4.safetensors"))
+    model, tokenizer = load_model(path, "cpu")
+    lens = Lens(model, tokenizer, path, "cpu", lens_module.compared_model(model, tokenizer, quantized, "cpu", "float32"))
+    server = make_server(lens, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", lens, quantized
+    server.shutdown()
+    server.server_close()
+
+
+def test_compare_needs_a_model_of_the_same_tokens(tiny_lens):
+    with pytest.raises(UsageError, match="reads other tokens than the checkpoint"):  # a BPE model against a char one
+        lens_module.compared_model(tiny_lens.model, GPT2Tokenizer(), tiny_lens.path, "cpu", "float32")
+
+
+@pytest.mark.slow
+def test_browser_the_compared_models_bars_are_its_own_softmax(browser_context, compared_lens):
+    url, lens, quantized = compared_lens
+    page = Page(browser_context, url)
+    page.type_prompt(PROMPT)
+    page.view("next")
+    ids = lens.prompt_ids(PROMPT)[0]
+    other, _ = load_model(quantized, "cpu")  # the quantized file loaded directly
+    with torch.no_grad():
+        q = F.softmax(other(torch.tensor([ids]))[0][0, -1].float(), dim=-1)
+    p = F.softmax(full_logits(lens, ids)[-1], dim=-1)
+    bars = page.rows("#next-bars tr[data-id]", "id", "p", "pCompare")
+    assert max(abs(pc - q[int(i)].item()) for i, _, pc in bars) < 1e-4
+    assert max(abs(pp - p[int(i)].item()) for i, pp, _ in bars) < 1e-4
+    assert 0 < max(abs(pp - pc) for _, pp, pc in bars)  # int4 moved the probabilities, a little
+    assert quantized in page.tab.inner_text("#next-summary")
+    page.tab.close()
