@@ -39,8 +39,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(char_data, tmp_path):
     assert meta["iter_num"] == 6
     for name, tensor in a["model"].items():
         assert (tensor - b["model"][name]).abs().max().item() < 1e-5, name
-    # only rank 0 wrote files: one checkpoint pair and one metrics file, each line logged once
-    assert sorted(os.listdir(ddp)) == ["best_model.pt", "ckpt.pt", "metrics.jsonl"]
+    # only rank 0 wrote files: one checkpoint pair, one metrics file (each line logged once), one timeline
+    assert sorted(os.listdir(ddp)) == ["best_model.pt", "ckpt.pt", "metrics.jsonl", "timeline"]
     iters = [json.loads(line)["iter"] for line in (ddp / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert iters == [5]
