@@ -216,10 +216,13 @@ def load_docs_script():
 
 
 @pytest.mark.slow
-def test_the_table_script_measures_every_row_at_tiny_size(trained_run, capsys):
-    out, _ = trained_run
+def test_the_table_script_measures_every_row_at_tiny_size(char_data, tmp_path, capsys):
+    from conftest import TINY
+    out = tmp_path / "out"  # 128 wide, so that groups of 128 and 32 divide every layer, as in the recipe
+    run_script("train.py", *TINY, "--n_embd=128", f"--data_dir={char_data}", "--dataset=tiny", f"--out_dir={out}",
+               "--max_iters=4", "--eval_interval=4", check=True)
     table = load_docs_script()
-    table.main(["--ckpt", str(out), f"--data_dir={out.parent / 'data'}", "--recipe_tokens=4", "--gpt2_tokens=2",
+    table.main(["--ckpt", str(out), f"--data_dir={char_data}", "--recipe_tokens=4", "--gpt2_tokens=2",
                 "--gpt2_sizes=1,2,128", "--repeats=1"])
     printed = capsys.readouterr().out
     for row in ("float32", "bfloat16", "int8", "int8_readable", "int4_g128", "int4_g32", "int4_g32_head_float"):
