@@ -137,6 +137,17 @@ MUTATIONS = [
      "Hugging Face import forgets the Conv1D transposes", ["test_gpt2"]),
     ("machinery/hf.py", "return {key: (value.t() if key.endswith(HF_TRANSPOSED) else value).contiguous()",
      "return {key: value.contiguous()", "Hugging Face export forgets the Conv1D transposes", ["test_gpt2"]),
+    # the training timeline and the heads' scores (issue 30)
+    ("machinery/timeline.py", "return step == 0 or step & (step - 1) == 0", "return step == 0 or step % 2 == 0",
+     "the snapshot schedule takes every even step instead of doubling", ["test_timeline"]),
+    ("machinery/timeline.py", "kept = [e for e in entries if resumed and e[\"step\"] <= start]",
+     "kept = [e for e in entries if resumed]", "a resumed run keeps the snapshots its interrupted run took after "
+     "the checkpoint", ["test_timeline"]),
+    ("machinery/heads.py", "return weights.diagonal(offset=-(half - 1), dim1=-2, dim2=-1)[:, :, 1:].mean(dim=(0, 2))",
+     "return weights.diagonal(offset=-half, dim1=-2, dim2=-1).mean(dim=(0, 2))",
+     "the induction score reads the earlier copy of the token itself, not the token after it", ["test_timeline"]),
+    ("machinery/heads.py", "x[..., head * head_size:(head + 1) * head_size] = 0", "x[..., head:head + head_size] = 0",
+     "the knock-out zeroes the wrong slice of the heads", ["test_timeline"]),
 ]
 
 
