@@ -61,11 +61,13 @@ SENTENCES = {  # (English, Chinese)
 }
 
 
-def quoted():
-    """The record's quoted texts: every row of the table and each sentence, in both languages."""
+def quoted(data):
+    """The record's quoted texts: every row of the table and each sentence, in both languages (torchao's only
+    where it was measured)."""
     texts = [(ROW.format(label=en, k=k), ROW.format(label=zh, k=k)) for k, en, zh in ROWS]
+    sentences = [pair for key, pair in SENTENCES.items() if key != "torchao" or "int8_torchao" in data.get("gpt2", {})]
     return [{"doc": f"docs/{lang}/11-quantization.md", "text": pair[i]}
-            for pair in texts + list(SENTENCES.values()) for i, lang in enumerate(("en", "zh"))]
+            for pair in texts + sentences for i, lang in enumerate(("en", "zh"))]
 
 
 def float_bytes(model):
@@ -189,11 +191,10 @@ def main(argv=None):
         data["int8_delta"] = recipe["int8_readable"]["val_loss"] - recipe["float32"]["val_loss"]
     print(json.dumps(data, indent=1))
     if "gpt2" in data and "int8_delta" in data:  # the chapter's lines, as the record fills them in
-        print("\n".join(q["text"].format(**data) for q in quoted() if "int8_torchao" in data["gpt2"] or
-                        "torchao" not in q["text"]))
+        print("\n".join(q["text"].format(**data) for q in quoted(data)))
     if args.record:
         command = "python docs/quantization.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_record("quantization", WHAT, command, data, quoted(),
+        write_record("quantization", WHAT, command, data, quoted(data),
                      f"{record_machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
