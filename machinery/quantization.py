@@ -172,6 +172,8 @@ def check_scheme(scheme, group_size, layers):
 def quantize_model(model, scheme, group_size=None, keep_head=False):
     """Replace model's Linear layers by QuantizedLinear in place (the tied embedding follows the head) and return
     (model, info): info says how, as saved in the file's metadata. group_size None: one scale per row."""
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise UsageError("this model is already quantized; quantize the float model it came from")
     layers = quantizable(model, keep_head)
     bits, sizes = check_scheme(scheme, group_size, layers)
     for name, layer in layers.items():
@@ -196,12 +198,10 @@ def replace(model, name, quantized):
 def state_to_save(model):
     """{name: tensor} of a quantized model: q and scale of each quantized layer, every float tensor once (the tied
     embedding is the head's)."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if not name.startswith("transformer.wte.head.") and not (name == "transformer.wte.weight"
-                                                                 and HEAD + ".weight" in model.state_dict()):
-            state[name] = t.detach().contiguous()
-    return state
+    full = model.state_dict()
+    tied = HEAD + ".weight" in full  # a float head: the embedding's weight is the same tensor
+    return {name: t.detach().contiguous() for name, t in full.items()
+            if not name.startswith("transformer.wte.head.") and not (tied and name == "transformer.wte.weight")}
 
 
 def save_quantized(path, model, meta):

@@ -183,6 +183,8 @@ def test_the_quantizer_refuses_bad_schemes_in_python_too():
         quantize_model(tiny_gpt(), "fp8")
     with pytest.raises(UsageError, match="does not divide the width 64"):
         quantize_model(tiny_gpt(), "int8", group_size=48)
+    with pytest.raises(UsageError, match="already quantized"):
+        quantize_model(quantize_model(tiny_gpt(), "int8")[0], "int4")
 
 
 def test_a_tampered_or_truncated_quantized_file_is_one_line(trained_run, tmp_path):
