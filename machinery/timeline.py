@@ -13,16 +13,18 @@ and continues the schedule.
 import json
 import math
 import os
+import re
 
 import torch
 
 from machinery.checkpoint import save_checkpoint
 from machinery.cli import UsageError
-from machinery.faults import atomic_write, writing
+from machinery.faults import atomic_write, remove_leftovers, writing
 
 FOLDER, INDEX = "timeline", "timeline.json"
 AUTO_LIMIT = 2_000_000  # parameters: snapshots='auto' keeps them up to 8 MB each (float32), about 12 a run
 FORMAT = 1
+LEFTOVER = re.compile(r"(?:step_\d+\.pt|timeline\.json)\.tmp(\d+)")  # a write cut short by kill -9
 
 
 def on_schedule(step):
@@ -58,6 +60,7 @@ class Timeline:
         self.entries = self.earlier_entries(config["init_from"] == "resume", evals.first_iter)
         if self.env.master:
             os.makedirs(self.folder, exist_ok=True)
+            remove_leftovers(self.folder, LEFTOVER)
             ahead = len(scheduled_steps(evals.first_iter, config["max_iters"], evals.due))
             size = sum(p.numel() * p.element_size() for p in checkpoints.model.state_dict().values())
             print(f"snapshots: {ahead} of {size / 1e6:.1f} MB ({ahead * size / 1e6:.0f} MB) into {self.folder} "

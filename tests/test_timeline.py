@@ -267,3 +267,13 @@ def test_the_lens_draws_the_band_its_run_was_compared_with(trained_run, tmp_path
     band = lens_module.Lens(*load_model(path, "cpu"), path, "cpu").training()["band"]
     assert band == band_for_run(str(run)) and band["train"]["steps"][0] == 10
     assert len(band["train"]["lo"]) == len(band["train"]["steps"]) and band["train"]["lo"][0] < band["train"]["hi"][0]
+
+
+def test_a_snapshot_write_cut_short_by_kill_9_is_removed_when_the_run_resumes(char_data, tmp_path):
+    out = tmp_path / "out"
+    train(char_data, out, "--max_iters=8")
+    leftover = out / "timeline" / "step_0000016.pt.tmp999999999"  # a writer that is gone (no such process)
+    leftover.write_bytes(b"half a snapshot")
+    result = train(char_data, out, "--max_iters=16", "--init_from=resume")
+    assert not leftover.exists() and "removed 1 half-written file(s) of a killed run" in result.stdout
+    assert [e["step"] for e in index(out)][-1] == 16
