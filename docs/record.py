@@ -40,8 +40,9 @@ def machine():
 
 
 def commit():
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The commit the measurement ran at; a copy of the tree that is not a git checkout (an unpacked archive) says so."""
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "not a git checkout"
 
 
 def write_record(name, what, command, data, quoted, machine_text=None):
