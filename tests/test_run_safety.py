@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from contextlib import nullcontext
 
 import pytest
@@ -43,13 +44,19 @@ def start(*args, code=None):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def read_until(process, text):
-    """The child's output line by line until a line contains text (no sleeping, no timing)."""
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
+def read_until(process, text, give_up=300):
+    """The child's output line by line until a line contains text (no sleeping, no timing). A child that hangs
+    before it prints text is killed after give_up seconds, so a regression fails here instead of stalling the
+    suite (a guard far above any healthy run, never a speed check)."""
+    seen, guard = [], threading.Timer(give_up, process.kill)
+    guard.start()
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if text in line:
+                return "".join(seen)
+    finally:
+        guard.cancel()
     raise AssertionError(f"'{text}' never appeared:\n{''.join(seen)}")
 
 
