@@ -16,13 +16,13 @@ import torch
 
 from data import tokenizer_from
 from machinery import interactive
-from machinery.checkpoint import find_checkpoint, load_checkpoint
+from machinery.checkpoint import find_checkpoint
 from machinery.checks import SEED_RANGE, integer, pathname, real, temperature
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import device_type, pick_device, pick_dtype
 from machinery.interactive import read_prompt
 from machinery.nanogpt import SAMPLE_FLAGS
-from machinery.quantization import is_quantized, load_quantized, quantized_into
+from machinery.quantization import load_weights, quantized_into
 from model import GPT, GPTConfig
 
 
@@ -30,8 +30,7 @@ def model_from_checkpoint(path, map_location="cpu"):
     """(model, tokenizer, meta): the GPT and tokenizer a checkpoint describes, its weights loaded
     (the one way every script builds a model from a checkpoint). A file quantize.py wrote gives its
     quantized model: int8 or int4 weights, dequantized on use (docs chapter 11)."""
-    quantized = is_quantized(path)
-    tensors, meta = (load_quantized if quantized else load_checkpoint)(path, map_location)
+    tensors, meta, quantized = load_weights(path, map_location)
     if meta.get("tokenizer", {}).get("kind") not in ("char", "gpt2"):
         raise UsageError(f"'{path}' names no known tokenizer ({meta.get('tokenizer')!r}); "
                          "use a checkpoint written by train.py")

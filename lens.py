@@ -46,12 +46,12 @@ from data import load_split, windows_at
 from generate import load_model, parse_args as generate_flags
 from machinery import heads
 from machinery.bands import band_for_run
-from machinery.checkpoint import find_checkpoint, load_checkpoint
+from machinery.checkpoint import find_checkpoint
 from machinery.checks import LARGEST_INT, PORT_RANGE, integer, pathname
 from machinery.cli import ArgumentParser, UsageError, first_line, run_cli
 from machinery.devices import pick_device
 from machinery.metrics import metrics_entry
-from machinery.quantization import is_quantized, load_quantized
+from machinery.quantization import load_weights
 from machinery.timeline import run_folder_of, snapshots_of
 from model import sampling_probs
 
@@ -212,7 +212,10 @@ class Lens:
                 "n_embd": config.n_embd, "block_size": config.block_size, "vocab_size": config.vocab_size,
                 "defaults": sampling_settings({}), "example": self.example_prompt(), "top": TOP,
                 "body_limit": BODY_LIMIT, "compare": self.compare and self.compare[1],
-                "snapshots": [{k: e[k] for k in ("step", "lr", "loss")} for e, _ in self.snapshots.values()]}
+                "snapshots": self.snapshot_list()}
+
+    def snapshot_list(self):
+        return [{k: e[k] for k in ("step", "lr", "loss")} for e, _ in self.snapshots.values()]
 
     def dtype(self):
         return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
@@ -389,7 +392,7 @@ class Lens:
                     elif entry.get("type") == "eval" and finite(entry.get("val_loss")):
                         evals.append([entry["iter"], entry.get("train_loss"), entry["val_loss"]])
         every = max(1, math.ceil(len(train) / CURVE_POINTS))
-        return {"train": train[::every], "eval": evals[-CURVE_POINTS:], "snapshots": self.describe()["snapshots"],
+        return {"train": train[::every], "eval": evals[-CURVE_POINTS:], "snapshots": self.snapshot_list(),
                 "band": band_for_run(self.run_folder, warn=print)}  # the recipe's reference band, if it has one
 
     def strip(self, fields):
@@ -430,7 +433,7 @@ class Lens:
     def val_sample(self):
         """((X, Y), what it is) of the fixed sample the heads are scored on: SAMPLE_WINDOWS windows spread
         evenly over the run's val split; (None, why not) when the split is not on this machine."""
-        meta = (load_quantized if is_quantized(self.path) else load_checkpoint)(self.path)[1]
+        meta = load_weights(self.path)[1]
         data_dir, dataset = meta.get("config", {}).get("data_dir", "data"), meta.get("dataset", "")
         block_size = self.model.config.block_size
         try:

@@ -1,5 +1,5 @@
 """
-Chapter 9.11.1's measurements: the CPU recipe with and without its training timeline, side by side, and the
+Chapter 5.6.1's measurements: the CPU recipe with and without its training timeline, side by side, and the
 story its snapshots tell (what the model predicts at each stage, when its heads form, which heads matter).
 
     python docs/timeline_story.py                 # 3 runs each way, interleaved; writes records/timeline.json
@@ -81,24 +81,23 @@ def story(folder):
     unigram, bigram = ngram_losses(lens, sample)
     rows = []
     for snap in report["snapshots"][:-1]:  # the last is the checkpoint itself
-        heads = [(h[m], f"L{l + 1}H{i + 1}") for l, layer in enumerate(snap["heads"]) for i, h in enumerate(layer)
-                 for m in ("previous",)]
-        ind = [(h["induction"], f"L{l + 1}H{i + 1}") for l, layer in enumerate(snap["heads"])
-               for i, h in enumerate(layer)]
-        knock = [(h["knockout"], f"L{l + 1}H{i + 1}") for l, layer in enumerate(snap["heads"])
-                 for i, h in enumerate(layer)]
+        def ranked(score):  # [(score, "L<layer>H<head>")], highest first
+            return sorted(((h[score], f"L{l + 1}H{i + 1}") for l, layer in enumerate(snap["heads"])
+                           for i, h in enumerate(layer)), reverse=True)
         with torch.no_grad():
             snapshot_model, _ = lens.model_at(snap["step"])
             idx = torch.tensor([tokenizer.encode(PROMPT)])
             out = snapshot_model.generate(idx, 40, temperature=0)  # greedy: the model's own best guess
-        rows.append({"step": snap["step"], "loss": snap["loss"], "greedy": tokenizer.decode(out[0, idx.size(1):].tolist()),
-                     "previous": max(heads), "induction": max(ind), "knockout": sorted(knock, reverse=True)[:3]})
+        greedy = tokenizer.decode(out[0, idx.size(1):].tolist())
+        rows.append({"step": snap["step"], "loss": snap["loss"], "greedy": greedy,
+                     "previous": ranked("previous")[0], "induction": ranked("induction")[0],
+                     "knockout": ranked("knockout")[:3]})
     return {"unigram": round(unigram, 4), "bigram": round(bigram, 4), "snapshots": rows,
             "switch_s_max": round(max(switch), 3), "switch_s_median": round(statistics.median(switch), 3)}
 
 
 def main():
-    p = ArgumentParser(description="Chapter 9.11.1's measurements: the recipe with and without its timeline.")
+    p = ArgumentParser(description="Chapter 5.6.1's measurements: the recipe with and without its timeline.")
     p.add_argument("--runs", type=int, default=3, help="runs each way, interleaved")
     p.add_argument("--quote-only", action="store_true", help="rewrite the record's quoted texts from its data")
     args = p.parse_args()

@@ -41,7 +41,8 @@ def repeated_random_tokens(batch, half, vocab_size, seed=0):
 
 
 def knockout_effects(model, X, Y):
-    """[[loss with head h of layer l zeroed - loss]]: the model's loss on X, Y (B, T) without each head. A head's
+    """(loss, [[loss with head h of layer l zeroed - loss]]): the model's loss on X, Y (B, T), and how much it
+    rises without each head. A head's
     output is its slice of the input to its layer's c_proj (the heads side by side, (B, T, nh * hs)), so a
     forward pre-hook that zeroes that slice removes exactly that head."""
     config = model.config

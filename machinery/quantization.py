@@ -254,6 +254,14 @@ def load_quantized(path, map_location="cpu"):
     return {"model": tensors}, meta
 
 
+def load_weights(path, map_location="cpu"):
+    """(tensors, meta, quantized) of any checkpoint a script reads: a file quantize.py wrote, or one that
+    train.py (or nanoGPT) wrote; the one place that tells them apart."""
+    from machinery.checkpoint import load_checkpoint
+    quantized = is_quantized(path)
+    return (*(load_quantized if quantized else load_checkpoint)(path, map_location), quantized)
+
+
 def quantized_into(model, tensors, meta):
     """Load a quantized file's tensors into model, a freshly built float GPT of the file's model_args: the
     layers its meta names become QuantizedLinear (their shapes checked), the float tensors load as usual."""
