@@ -94,6 +94,7 @@ def check_record(record, read=read_doc):
         problems.append("'data' must be a non-empty object")
     if not isinstance(record["quoted"], list) or not record["quoted"]:
         return problems + ["'quoted' must be a non-empty list"]
+    docs = {}  # each doc read and normalised once per record, however many figures it quotes
     for quote in record["quoted"]:
         if not isinstance(quote, dict) or sorted(quote) != ["doc", "text"]:
             problems.append(f"each quoted entry has exactly 'doc' and 'text': {quote!r}")
@@ -106,11 +107,12 @@ def check_record(record, read=read_doc):
             problems.append(f"{quote['text']!r} cannot be formatted with the data: {e!r}")
             continue
         try:
-            doc = read(quote["doc"])
+            if quote["doc"] not in docs:
+                docs[quote["doc"]] = normalise(read(quote["doc"]))
         except OSError:
             problems.append(f"{quote['doc']} cannot be read")
             continue
-        if normalise(text) not in normalise(doc):
+        if normalise(text) not in docs[quote["doc"]]:
             problems.append(f"{quote['doc']} does not say {text!r}")
     return problems
 
